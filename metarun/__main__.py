@@ -1,0 +1,3 @@
+from metarun.cli import main
+
+main()

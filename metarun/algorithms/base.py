@@ -1,0 +1,50 @@
+"""The one interface between the trainer and a meta-learning algorithm.
+
+The trainer never looks inside an algorithm. Each meta-step it asks for a batch
+(:meth:`Algorithm.sample_batch`), gets a loss to call ``backward()`` on
+(:meth:`Algorithm.training_loss`), and steps the optimiser; at evaluation it
+asks for one score per task (:meth:`Algorithm.evaluate`). Algorithms that
+compute their meta-gradient with ``torch.func`` return a surrogate loss whose
+gradient is that meta-gradient, so gradient clipping, mixed precision and the
+data-parallel all-reduce stay in the trainer, written once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metarun.data.episodes import Batch, Episode, EpisodeSampler
+
+
+class Algorithm(nn.Module):
+    #: what :meth:`evaluate` returns per task: "accuracy" (higher is better) or "mse"
+    score: str = "accuracy"
+    #: ``eval.bn_mode`` when the user leaves it unset (documented per algorithm in the README)
+    default_bn_mode: str = "transductive"
+
+    def __init__(self, backbone: nn.Module, ways: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.ways = ways
+
+    def sample_batch(self, sampler: EpisodeSampler, num_tasks: int, shard: tuple[int, int] = (0, 1)) -> Episode | Batch:
+        return sampler.sample(num_tasks, shard)
+
+    def training_loss(self, batch: Episode | Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to back-propagate and detached 0-d metrics (``loss``, ``acc``) kept on the device."""
+        raise NotImplementedError
+
+    def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+        """One score per task ``[tasks]`` after solving each task from its support set."""
+        raise NotImplementedError
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean accuracy over the last-but-one dim: ``[..., n, ways]`` logits -> ``[...]``."""
+    return (logits.argmax(-1) == labels).float().mean(-1)
+
+
+def surrogate_loss(params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+    """A scalar whose gradient with respect to ``params`` is ``grads``."""
+    return sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(params, grads))

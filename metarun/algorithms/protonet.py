@@ -1,0 +1,68 @@
+"""Prototypical networks (Snell et al. 2017).
+
+Each class is the mean embedding of its support images; a query is classified
+by a softmax over negative squared Euclidean distances to the prototypes. The
+tasks of a meta-batch go through the backbone in one forward pass, but batch
+norm sees one task at a time, so results do not depend on how tasks are
+batched or split across processes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from metarun.algorithms.base import Algorithm, accuracy
+from metarun.data.episodes import Episode
+from metarun.models.norm import BN_MODES, norm_statistics
+
+
+def prototypes(support: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+    """``[tasks, n, d]`` embeddings -> ``[tasks, ways, d]`` class means."""
+    onehot = F.one_hot(labels, ways).to(support.dtype)  # [t, n, w]
+    return onehot.transpose(1, 2) @ support / onehot.sum(1)[..., None]
+
+
+def logits_from_distances(query: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    """Negative squared Euclidean distances, ``[tasks, q, ways]``."""
+    return -(
+        query.pow(2).sum(-1, keepdim=True)
+        - 2 * query @ protos.transpose(1, 2)
+        + protos.pow(2).sum(-1)[:, None, :]
+    )
+
+
+class ProtoNet(Algorithm):
+    default_bn_mode = "running"  # as in the paper's code: the model in eval mode at test time
+
+    def __init__(self, backbone, ways: int) -> None:
+        super().__init__(backbone, ways)
+
+    def embed(self, episode: Episode, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeds support and query of every task in one forward pass with per-task statistics.
+
+        ``mode`` is ``batch`` (training: support and query together, as in the
+        paper), or an ``eval.bn_mode``.
+        """
+        t, ns, nq = episode.num_tasks, episode.support_x.shape[1], episode.query_x.shape[1]
+        s_flat, q_flat = episode.support_x.flatten(0, 1), episode.query_x.flatten(0, 1)
+        if mode == "transductive":
+            with norm_statistics(self.backbone, "batch", tasks=t):
+                return self.backbone(s_flat).view(t, ns, -1), self.backbone(q_flat).view(t, nq, -1)
+        x = torch.cat([episode.support_x, episode.query_x], 1).flatten(0, 1)
+        with norm_statistics(self.backbone, mode, support_size=ns, tasks=t):
+            z = self.backbone(x).view(t, ns + nq, -1)
+        return z[:, :ns], z[:, ns:]
+
+    def logits(self, episode: Episode, stats: str) -> torch.Tensor:
+        s, q = self.embed(episode, stats)
+        return logits_from_distances(q.float(), prototypes(s.float(), episode.support_y, episode.ways))
+
+    def training_loss(self, batch: Episode):
+        logits = self.logits(batch, "batch")
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        return loss, {"loss": loss.detach(), "acc": accuracy(logits, batch.query_y).mean().detach()}
+
+    @torch.inference_mode()
+    def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+        return accuracy(self.logits(episode, bn_mode), episode.query_y)

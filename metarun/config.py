@@ -1,0 +1,198 @@
+"""Typed configuration: the schemas Hydra validates every composed config against.
+
+Each YAML option under ``conf/<group>/`` starts from one of the schemas stored
+here (``defaults: [/schema/<group>/<name>@_here_]``), so a misspelt key or a
+value of the wrong type fails at composition with Hydra's own message, before
+any work is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+# -- datasets -------------------------------------------------------------------
+@dataclass
+class DatasetConfig:
+    _target_: str = MISSING
+    #: batched random crop / flip / colour jitter on training episodes, on the device
+    augment: bool = False
+    #: keep the uint8 splits on the run's device ("auto": when they fit)
+    on_device: str = "auto"
+
+
+@dataclass
+class GlyphsConfig(DatasetConfig):
+    _target_: str = "metarun.data.glyphs.load"
+    root: str = "data/glyphs"
+    seed: int = 0
+    num_classes: int = 1200
+    images_per_class: int = 20
+    image_size: int = 28
+    val_classes: int = 100
+    test_classes: int = 200
+
+
+@dataclass
+class OmniglotConfig(DatasetConfig):
+    _target_: str = "metarun.data.omniglot.load"
+    root: str = "data/omniglot"
+    subset: str = "small"
+    rotations: bool = True
+    download: bool = True
+    image_size: int = 28
+    seed: int = 0
+
+
+# -- backbones ------------------------------------------------------------------
+@dataclass
+class Conv4Config:
+    _target_: str = "metarun.models.conv4.Conv4"
+    hidden: int = 64
+    layers: int = 4
+
+
+@dataclass
+class ResNet12Config:
+    _target_: str = "metarun.models.resnet12.ResNet12"
+    channels: list[int] = field(default_factory=lambda: [64, 160, 320, 640])
+
+
+@dataclass
+class MLPConfig:
+    _target_: str = "metarun.models.mlp.MLP"
+    hidden: list[int] = field(default_factory=lambda: [40, 40])
+
+
+# -- algorithms -----------------------------------------------------------------
+@dataclass
+class ProtoNetConfig:
+    _target_: str = "metarun.algorithms.protonet.ProtoNet"
+
+
+# -- the rest ---------------------------------------------------------------------
+@dataclass
+class DeviceConfig:
+    #: auto | cpu | cuda | mps ("auto" picks cuda, then mps, then cpu)
+    type: str = "auto"
+
+
+@dataclass
+class TaskConfig:
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    #: tasks per meta-step
+    meta_batch: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 2000
+    lr: float = 1e-3
+    #: adam | sgd
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    #: constant | cosine | linear | step (halves every quarter of the run)
+    schedule: str = "cosine"
+    #: 0 disables clipping
+    grad_clip: float = 0.0
+    val_every: int = 500
+    val_episodes: int = 200
+    log_every: int = 50
+    seed: int = 0
+    #: fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
+    precision: str = "fp32"
+    compile: bool = False
+    channels_last: bool = False
+    #: stop | skip: what a NaN or infinite loss does
+    nan_policy: str = "stop"
+    #: how many step-numbered checkpoints to keep besides best.pt and last.pt (0: none)
+    keep_checkpoints: int = 0
+    progress: bool = True
+
+
+@dataclass
+class EvalSetting:
+    ways: int = 5
+    shots: int = 1
+
+
+@dataclass
+class EvalConfig:
+    settings: list[EvalSetting] = field(default_factory=lambda: [EvalSetting(5, 1), EvalSetting(5, 5)])
+    queries: int = 15
+    episodes: int = 600
+    seed: int = 2026
+    #: episodes evaluated together in one batched call
+    batch_tasks: int = 16
+    #: transductive | support | running; null: the algorithm's documented default
+    bn_mode: Optional[str] = None
+    #: episodes | omniglot_runs
+    protocol: str = "episodes"
+    runs_path: Optional[str] = None
+    split: str = "test"
+    after_train: bool = True
+
+
+@dataclass
+class WandbConfig:
+    #: auto | online | offline | disabled
+    mode: str = "auto"
+    project: str = "metarun"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    name: Optional[str] = None
+    new_run: bool = False
+    log_checkpoints: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    #: none | wandb
+    backend: str = "none"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    dataset: Any = MISSING
+    backbone: Any = MISSING
+    algo: Any = MISSING
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    #: a run folder (or its last.pt) to continue
+    resume: Optional[str] = None
+
+
+@dataclass
+class EvalJobConfig:
+    #: a run folder or a .pt file
+    checkpoint: str = MISSING
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "dataset": {"glyphs": GlyphsConfig, "omniglot": OmniglotConfig},
+    "backbone": {"conv4": Conv4Config, "resnet12": ResNet12Config, "mlp": MLPConfig},
+    "algo": {"protonet": ProtoNetConfig},
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalJobConfig)
+    for group, nodes in SCHEMAS.items():
+        for name, node in nodes.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)

@@ -1,0 +1,44 @@
+"""Choosing the device and numeric precision of a run."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from metarun.errors import ConfigError
+
+
+def resolve_device(kind: str) -> torch.device:
+    """``auto`` falls back quietly; naming a device the machine lacks is an error."""
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible on this machine: use device=cpu or device=auto")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError("device=mps but Apple's MPS backend is not available here: use device=cpu or device=auto")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={kind}: valid devices are auto, cpu, cuda, mps")
+    return torch.device(kind)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast for ``bf16``/``fp16`` on any device type that supports it; a no-op for ``fp32``."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision}: valid values are {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

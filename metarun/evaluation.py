@@ -1,0 +1,176 @@
+"""Few-shot evaluation: mean score ± 95% CI over seeded episodes.
+
+The test episodes of a setting depend only on ``eval.seed``, the setting and
+the dataset, never on the algorithm, the batch size or the device: they are
+drawn on the CPU up front and gathered in chunks. Two runs evaluated with the
+same seed are therefore compared on identical tasks, and ``eval.json`` keeps
+the per-episode scores so the comparison can be paired.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from metarun.algorithms.base import Algorithm
+from metarun.data.episodes import Episode, fixed_episodes
+from metarun.errors import ConfigError
+from metarun.progress import progress_bar
+
+BN_MODES = ("transductive", "support", "running")
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and the half-width ``1.96 · std / sqrt(n)`` of its 95% normal interval (sample std)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        return float(v.mean()) if v.size else float("nan"), float("nan")
+    return float(v.mean()), float(1.96 * v.std(ddof=1) / math.sqrt(v.size))
+
+
+def setting_seed(seed: int, ways: int, shots: int) -> int:
+    return (seed * 1_000_003 + ways * 1_009 + shots) % (2**63)
+
+
+def resolve_bn_mode(algorithm: Algorithm, bn_mode: str | None) -> str:
+    mode = bn_mode or algorithm.default_bn_mode
+    if mode not in BN_MODES:
+        raise ConfigError(f"eval.bn_mode={mode}: valid modes are {', '.join(BN_MODES)}")
+    return mode
+
+
+def score_episodes(algorithm: Algorithm, sampler, episodes: int, seed: int, batch_tasks: int, bn_mode: str, desc: str = "") -> np.ndarray:
+    """Per-episode scores of ``episodes`` seeded tasks, evaluated ``batch_tasks`` at a time."""
+    indices = fixed_episodes(sampler, episodes, seed)
+    was_training = algorithm.training
+    algorithm.eval()
+    scores = []
+    try:
+        with progress_bar(total=episodes, description=desc or "eval", transient=True) as advance:
+            for start in range(0, episodes, batch_tasks):
+                chunk = indices[start : start + batch_tasks]
+                scores.append(algorithm.evaluate(sampler.gather(chunk), bn_mode).float().cpu())
+                advance(len(scores[-1]))
+    finally:
+        algorithm.train(was_training)
+    return torch.cat(scores).numpy()
+
+
+def evaluate_settings(algorithm: Algorithm, make_sampler, settings, queries: int, episodes: int, seed: int, batch_tasks: int, bn_mode: str) -> list[dict]:
+    """Every ``{ways, shots}`` setting on its own seeded episodes."""
+    results = []
+    for s in settings:
+        sampler = make_sampler(s["ways"], s["shots"], queries)
+        scores = score_episodes(algorithm, sampler, episodes, setting_seed(seed, s["ways"], s["shots"]), batch_tasks, bn_mode, f"{s['ways']}-way {s['shots']}-shot")
+        mean, ci = mean_ci95(scores)
+        key = "accuracy" if algorithm.score == "accuracy" else algorithm.score
+        results.append({"ways": s["ways"], "shots": s["shots"], "queries": queries, "episodes": episodes, key: mean, "ci95": ci, "per_episode": scores.tolist()})
+    return results
+
+
+def evaluate_omniglot_runs(algorithm: Algorithm, runs_path: str, image_size: int, mean: tuple, std: tuple, device: torch.device, bn_mode: str) -> list[dict]:
+    """Omniglot's official one-shot runs: error per run, mean ± 95% CI."""
+    from metarun.data.omniglot_runs import load_runs
+
+    runs = load_runs(Path(runs_path), image_size=image_size)
+    m = torch.tensor(mean, device=device).view(-1, 1, 1)
+    s = torch.tensor(std, device=device).view(-1, 1, 1)
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        return ((x.to(device).float() / 255.0) - m) / s
+
+    was_training = algorithm.training
+    algorithm.eval()
+    errors = []
+    try:
+        for run in runs:
+            ways = run.support.shape[0]
+            support_x = prep(run.support.flatten(0, 1))[None]
+            episode = Episode(support_x, torch.arange(ways, device=device)[None], prep(run.query)[None], run.query_labels.to(device)[None], ways)
+            errors.append(1.0 - float(algorithm.evaluate(episode, bn_mode)[0]))
+    finally:
+        algorithm.train(was_training)
+    err, ci = mean_ci95(errors)
+    ways = runs[0].support.shape[0] if runs else 0
+    return [{"ways": ways, "shots": 1, "runs": len(errors), "error": err, "ci95": ci, "per_run": errors}]
+
+
+def results_table(results: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("setting", "score", "± 95% CI", "episodes"):
+        table.add_column(col, justify="right" if col != "setting" else "left")
+    for r in results:
+        if "error" in r:
+            table.add_row(f"{r['ways']}-way {r['shots']}-shot (runs)", f"{100 * r['error']:.2f}% error", f"{100 * r['ci95']:.2f}", str(r["runs"]))
+        elif "accuracy" in r:
+            table.add_row(f"{r['ways']}-way {r['shots']}-shot", f"{100 * r['accuracy']:.2f}%", f"{100 * r['ci95']:.2f}", str(r["episodes"]))
+        else:
+            key = next(k for k in r if k not in ("ways", "shots", "queries", "episodes", "ci95", "per_episode"))
+            table.add_row(f"{r['shots']}-shot", f"{r[key]:.4f} {key}", f"{r['ci95']:.4f}", str(r["episodes"]))
+    return table
+
+
+def write_eval_json(path: Path, checkpoint: Path, dataset: str, protocol: str, split: str, bn_mode: str, results: list[dict]) -> None:
+    payload = {"split": split, "checkpoint": str(checkpoint), "dataset": dataset, "protocol": protocol, "bn_mode": bn_mode, "results": results}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
+def run_evaluation(cfg: DictConfig, eval_cfg: DictConfig, checkpoint: Path, device: torch.device, run_dir: Path, logger=None, console: Console | None = None) -> list[dict]:
+    """Rebuilds the model of a checkpoint's run, evaluates it and writes ``eval.json`` into ``run_dir``."""
+    from metarun.checkpoint import load_checkpoint, load_model_state
+    from metarun.factory import build_algorithm, build_dataset, build_sampler
+
+    ckpt = load_checkpoint(checkpoint)
+    dataset = build_dataset(cfg.dataset)
+    algorithm = build_algorithm(cfg, dataset).to(device)
+    load_model_state(algorithm, ckpt["model"], ckpt["path"])
+    bn_mode = resolve_bn_mode(algorithm, eval_cfg.bn_mode)
+    console = console or Console()
+    if eval_cfg.protocol == "omniglot_runs":
+        if not eval_cfg.runs_path:
+            raise ConfigError("eval.protocol=omniglot_runs needs eval.runs_path=DIR (the folder holding run01, run02, ...)")
+        image_size = cfg.dataset.get("image_size", dataset.image_shape[-1])
+        results = evaluate_omniglot_runs(algorithm, eval_cfg.runs_path, image_size, dataset.mean, dataset.std, device, bn_mode)
+    elif eval_cfg.protocol == "episodes":
+        settings = OmegaConf.to_container(eval_cfg.settings, resolve=True)
+
+        def make_sampler(ways, shots, queries):
+            return build_sampler(dataset, eval_cfg.split, ways, shots, queries, seed=0, device=device)
+
+        results = evaluate_settings(algorithm, make_sampler, settings, eval_cfg.queries, eval_cfg.episodes, eval_cfg.seed, eval_cfg.batch_tasks, bn_mode)
+    else:
+        raise ConfigError(f"eval.protocol={eval_cfg.protocol}: valid protocols are episodes, omniglot_runs")
+    console.print(results_table(results, f"{dataset.name} {eval_cfg.split} ({bn_mode} batch norm) — {ckpt['path']}"))
+    write_eval_json(run_dir / "eval.json", ckpt["path"], dataset.name, eval_cfg.protocol, eval_cfg.split, bn_mode, results)
+    if logger is not None:
+        logger.log_eval(results, eval_cfg.protocol)
+    return results
+
+
+def eval_task(cfg: DictConfig) -> float:
+    """``metarun eval checkpoint=<run folder or .pt>``."""
+    from metarun.checkpoint import load_checkpoint
+    from metarun.device import resolve_device
+    from metarun.loggers import build_logger
+
+    ckpt = load_checkpoint(cfg.checkpoint)
+    run_cfg = OmegaConf.create(ckpt["config"])
+    device = resolve_device(cfg.device.type)
+    path = ckpt["path"]
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    logger = build_logger(cfg.logger, run_dir, run_cfg, job_type="eval")
+    try:
+        results = run_evaluation(run_cfg, cfg.eval, path, device, run_dir, logger)
+    finally:
+        logger.close()
+    first = results[0]
+    return first.get("accuracy", -first.get("error", first.get("mse", 0.0)))

@@ -1,0 +1,119 @@
+"""Small factories: the only place where config nodes become objects.
+
+Below this module nothing reads the config; objects get plain arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from metarun.algorithms.base import Algorithm
+from metarun.data.episodes import EpisodeSampler
+from metarun.data.split import FewShotDataset
+from metarun.errors import ConfigError
+
+#: dataset keys that belong to the episode engine, not to the loader
+ENGINE_KEYS = ("augment", "on_device")
+
+
+def build_dataset(cfg: DictConfig) -> FewShotDataset:
+    node = OmegaConf.to_container(cfg, resolve=True)
+    for key in ENGINE_KEYS:
+        node.pop(key, None)
+    return instantiate(node, _convert_="all")
+
+
+def data_device(dataset: FewShotDataset, device: torch.device, on_device: str) -> torch.device:
+    """Where the uint8 splits live: the run's device unless they would not fit (``on_device=auto``)."""
+    if on_device in ("true", "True", True) or device.type == "cpu":
+        return device
+    if on_device in ("false", "False", False):
+        return torch.device("cpu")
+    if on_device != "auto":
+        raise ConfigError(f"dataset.on_device={on_device}: valid values are auto, true, false")
+    if device.type == "cuda":
+        need = sum(s.images.numel() for s in dataset.splits.values())
+        free, _ = torch.cuda.mem_get_info(device)
+        return device if need < 0.5 * free else torch.device("cpu")
+    return device
+
+
+def build_sampler(
+    dataset: FewShotDataset,
+    split: str,
+    ways: int,
+    shots: int,
+    queries: int,
+    seed: int,
+    device: torch.device,
+    augment: bool = False,
+    channels_last: bool = False,
+) -> EpisodeSampler:
+    if hasattr(dataset, "sampler"):  # datasets that generate their tasks (e.g. regression toys)
+        return dataset.sampler(split, ways=ways, shots=shots, queries=queries, seed=seed, device=device)
+    transform = None
+    if augment:
+        from metarun.data.augment import augment_batch
+
+        transform = augment_batch
+    return EpisodeSampler(
+        dataset.splits[split],
+        ways,
+        shots,
+        queries,
+        dataset.mean,
+        dataset.std,
+        seed=seed,
+        device=device,
+        split_name=split,
+        transform=transform,
+        channels_last=channels_last,
+    )
+
+
+def input_shape(dataset: FewShotDataset) -> tuple[int, ...]:
+    return tuple(dataset.image_shape)
+
+
+def build_algorithm(cfg: DictConfig, dataset: FewShotDataset) -> Algorithm:
+    backbone = instantiate(cfg.backbone, in_shape=input_shape(dataset), _convert_="all")
+    extra: dict[str, Any] = {}
+    if hasattr(dataset, "splits") and "num_train_classes" in _init_params(cfg.algo):
+        extra["num_train_classes"] = dataset.splits["train"].num_classes
+    return instantiate(cfg.algo, backbone=backbone, ways=cfg.task.ways, _convert_="all", **extra)
+
+
+def _init_params(node: DictConfig) -> set[str]:
+    import inspect
+
+    from hydra._internal.utils import _locate
+
+    target = _locate(node._target_)
+    return set(inspect.signature(target).parameters)
+
+
+def build_optimizer(algorithm: Algorithm, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in algorithm.parameters() if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ConfigError(f"trainer.optimizer={name}: valid optimizers are adam, sgd")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    steps = max(steps, 1)
+    factors = {
+        "constant": lambda s: 1.0,
+        "cosine": lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+        "linear": lambda s: max(1.0 - s / steps, 0.0),
+        "step": lambda s: 0.5 ** (4 * s // steps),
+    }
+    if name not in factors:
+        raise ConfigError(f"trainer.schedule={name}: valid schedules are {', '.join(factors)}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors[name])

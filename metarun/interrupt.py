@@ -1,0 +1,41 @@
+"""Turning SIGINT/SIGTERM into a clean stop.
+
+The first signal asks the training loop to stop after the current step, so it
+can write ``last.pt`` and say how to resume (SLURM pre-emption sends SIGTERM).
+A second SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+
+class StopRequest:
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            os._exit(130)
+        self.signal = signum
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signal or 0)

@@ -1,0 +1,1 @@
+"""Backbones: feature extractors whose ``out_features`` the algorithms put a head on."""
