@@ -1,0 +1,66 @@
+"""The decoded-dataset cache in ``dataset.root``.
+
+Decoding thousands of PNGs takes longer than many training runs, so the result
+is saved once, keyed by everything that determines it (source files' sizes and
+mtimes, preprocessing options, code version). Writes go to a temporary file
+that is fsynced and renamed, under a file lock, so several jobs of a sweep can
+build the same cache at once and none ever reads a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from filelock import FileLock
+
+from metarun.data.split import FewShotDataset
+
+CACHE_FORMAT = 1
+
+
+def file_fingerprint(path: Path) -> dict:
+    st = path.stat()
+    return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def cache_key(parts: dict) -> str:
+    blob = json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """Save so that ``path`` is either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_dataset(root: Path, name: str, key_parts: dict, build: Callable[[], FewShotDataset]) -> FewShotDataset:
+    """Return the dataset from ``root/.metarun-cache``, building and saving it on a miss."""
+    cache_dir = Path(root) / ".metarun-cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{name}-{cache_key(key_parts)}.pt"
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                return FewShotDataset.from_state(torch.load(path, map_location="cpu", weights_only=False))
+            except Exception:  # a cache from an older torch or a damaged disk: rebuild it
+                path.unlink(missing_ok=True)
+        dataset = build()
+        atomic_torch_save(dataset.state(), path)
+        return dataset
