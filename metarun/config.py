@@ -41,11 +41,16 @@ class GlyphsConfig(DatasetConfig):
 class OmniglotConfig(DatasetConfig):
     _target_: str = "metarun.data.omniglot.load"
     root: str = "data/omniglot"
+    #: small (the two small background sets, never downloaded) | full (background + evaluation)
     subset: str = "small"
+    #: 90/180/270° rotations of each character become new classes
     rotations: bool = True
     download: bool = True
     image_size: int = 28
+    #: seeds the split of the small subset by character
     seed: int = 0
+    #: characters carved out of meta-training for validation (null: 100 for full, 10% for small)
+    val_classes: Optional[int] = None
 
 
 # -- backbones ------------------------------------------------------------------

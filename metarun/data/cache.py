@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -53,7 +54,14 @@ def atomic_torch_save(obj, path: Path) -> None:
 def cached_dataset(root: Path, name: str, key_parts: dict, build: Callable[[], FewShotDataset]) -> FewShotDataset:
     """Return the dataset from ``root/.metarun-cache``, building and saving it on a miss."""
     cache_dir = Path(root) / ".metarun-cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe = cache_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError:  # a read-only dataset folder: decode every time rather than fail
+        print(f"note: {cache_dir} is not writable; the decoded {name} dataset is not cached", file=sys.stderr)
+        return build()
     path = cache_dir / f"{name}-{cache_key(key_parts)}.pt"
     with FileLock(str(path) + ".lock"):
         if path.exists():
