@@ -12,6 +12,7 @@ Errors reach the user as one line: Hydra's composition errors and
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -44,20 +45,18 @@ def config_dir() -> str:
 
 
 def one_line(ex: BaseException) -> str:
-    """Hydra's multi-line composition messages, folded into one line a user can act on."""
-    text = str(ex)
-    if isinstance(ex.__cause__, Exception) and str(ex.__cause__) and str(ex.__cause__) not in text:
+    """Hydra's and OmegaConf's multi-line messages, folded into one line a user can act on."""
+    text = str(ex).split("\nConfig search path")[0]
+    if isinstance(ex.__cause__, Exception) and str(ex.__cause__) not in text:
         text = f"{text}: {ex.__cause__}"
-    text = text.split("\nConfig search path")[0]
-    text = re.sub(r"Available options in '([^']+)':\s*", r"valid options for \1: ", text)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("full_key")]
-    joined = lines[0] if lines else type(ex).__name__
-    rest = [ln for ln in lines[1:] if not ln.startswith(("object_type", "Set the environment"))]
-    if rest and joined.rstrip().endswith(("valid options for", ":")) is False and "valid options for" in text:
-        joined = f"{joined} ({', '.join(rest)})" if not joined.endswith(": ") else joined + ", ".join(rest)
-    elif rest:
-        joined = f"{joined} ({'; '.join(rest)})"
-    return re.sub(r"\s+", " ", joined).strip()
+    noise = ("full_key", "object_type", "reference_type", "Set the environment")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(noise)]
+    head, options = [], []
+    for ln in lines:
+        (options if head and head[-1].startswith("Available options") else head).append(ln)
+    if options:
+        head[-1] = f"(valid options for {head[-1].split(chr(39))[1]}: {', '.join(options)})"
+    return " ".join(head)
 
 
 def is_config_error(ex: BaseException) -> bool:
@@ -69,19 +68,54 @@ def is_config_error(ex: BaseException) -> bool:
     )
 
 
+def user_error(ex: BaseException) -> MetarunError | None:
+    """The MetarunError behind ``ex`` (Hydra wraps errors raised while instantiating), if any."""
+    while ex is not None:
+        if isinstance(ex, MetarunError):
+            return ex
+        ex = ex.__cause__
+    return None
+
+
+def report(ex: Exception) -> int:
+    """Prints ``ex`` as one line and returns its exit code (2: usage/config, 1: run time)."""
+    cause = user_error(ex)
+    if cause is not None:
+        print(f"error: {cause}", file=sys.stderr)
+        return cause.exit_code
+    if is_config_error(ex):
+        print(f"error: {one_line(ex)}", file=sys.stderr)
+        return 2
+    print(f"error: {type(ex).__name__}: {one_line(ex)} (run with --debug for the traceback)", file=sys.stderr)
+    return 1
+
+
 def run_and_report(func: Callable[[], Any]) -> Any:
-    """Replaces Hydra's reporter: one line and an exit code (2: usage/config, 1: run time)."""
+    """Replaces Hydra's reporter (composition errors and anything outside a job)."""
     try:
         return func()
     except Exception as ex:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        code = 2 if is_config_error(ex) else getattr(ex, "exit_code", 1)
-        if isinstance(ex, MetarunError) or code == 2:
-            print(f"error: {one_line(ex)}", file=sys.stderr)
-        else:
-            print(f"error: {type(ex).__name__}: {one_line(ex)} (run with --debug for the traceback)", file=sys.stderr)
-        sys.exit(code)
+        sys.exit(report(ex))
+
+
+def single_run_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """In a single run, a failing job ends the process with its one line; sweeps handle failures per job."""
+
+    @functools.wraps(task)
+    def wrapper(cfg):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            return task(cfg)
+        try:
+            return task(cfg)
+        except Exception as ex:
+            sys.exit(report(ex))
+
+    return wrapper
 
 
 def completion(argv: list[str]) -> int | None:
@@ -113,7 +147,7 @@ def run_hydra_command(command: str, argv: list[str]) -> None:
     else:
         from metarun.evaluation import eval_task as task
     sys.argv = [f"metarun {command}", *argv]
-    hydra.main(config_path=config_dir(), config_name=COMMANDS[command][0], version_base="1.3")(task)()
+    hydra.main(config_path=config_dir(), config_name=COMMANDS[command][0], version_base="1.3")(single_run_errors(task))()
 
 
 def main(argv: list[str] | None = None) -> None:

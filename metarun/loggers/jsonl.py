@@ -21,6 +21,7 @@ class JsonlLogger(Logger):
         if truncate_after is not None and path.exists():
             rows = [r for r in read_metrics(path) if r["step"] <= truncate_after]
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a")
 
     def log(self, step, metrics):

@@ -1,0 +1,65 @@
+"""Shared fixtures: composing real configs and a tiny glyphs dataset cached once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from metarun.cli import config_dir
+from metarun.config import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+OMNIGLOT = (REPO.parent / "shared" / "data" / "omniglot").resolve()
+
+
+@pytest.fixture(scope="session")
+def glyph_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("glyphs")
+
+
+@pytest.fixture(scope="session")
+def tiny(glyph_root) -> list[str]:
+    """Overrides for a run that takes seconds: a small glyphs set, narrow Conv4, a few steps."""
+    return [
+        f"dataset.root={glyph_root}",
+        "dataset.num_classes=80",
+        "dataset.val_classes=15",
+        "dataset.test_classes=20",
+        "backbone.hidden=16",
+        "trainer.steps=6",
+        "trainer.val_every=3",
+        "trainer.val_episodes=6",
+        "trainer.log_every=2",
+        "trainer.progress=false",
+        "eval.episodes=10",
+        "eval.queries=5",
+        "task.queries=5",
+        "logger=none",
+    ]
+
+
+@pytest.fixture
+def compose_config():
+    """``compose_config("train", [...])`` -> the composed DictConfig, as the CLI would build it."""
+    register_configs()
+
+    def _compose(name: str, overrides: list[str]):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(config_name=name, overrides=overrides)
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess (``python -m metarun``), as a user runs it."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "metarun", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

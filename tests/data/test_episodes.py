@@ -1,0 +1,97 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metarun.data.episodes import EpisodeSampler, check_episode, fixed_episodes
+from metarun.data.split import Split, stack_classes
+from metarun.errors import ConfigError
+
+
+def numbered_split(classes: int = 12, per_class: int = 10) -> Split:
+    """Each image's pixels hold (class, index): gathered images can be traced back to their source."""
+    img = torch.zeros(classes, per_class, 2, 2, 2, dtype=torch.uint8)
+    img[:, :, 0] = torch.arange(classes, dtype=torch.uint8)[:, None, None, None]
+    img[:, :, 1] = torch.arange(per_class, dtype=torch.uint8)[None, :, None, None]
+    return Split(img, [f"c{i}" for i in range(classes)])
+
+
+def raw(sampler: EpisodeSampler, x: torch.Tensor) -> torch.Tensor:
+    """Undo normalisation: back to the (class, index) bytes."""
+    return (x * sampler.inv_std.reciprocal() + sampler.mean).mul(255).round().long()
+
+
+def identities(sampler, x):
+    r = raw(sampler, x)
+    return r[..., 0, 0, 0], r[..., 1, 0, 0]  # class, index
+
+
+@settings(max_examples=40, deadline=None)
+@given(ways=st.integers(1, 12), shots=st.integers(1, 5), queries=st.integers(1, 5), tasks=st.integers(1, 4), seed=st.integers(0, 2**31))
+def test_any_valid_episode_is_well_formed(ways, shots, queries, tasks, seed):
+    sampler = EpisodeSampler(numbered_split(), ways, shots, queries, (0.5, 0.5), (0.25, 0.25), seed=seed)
+    ep = sampler.sample(tasks)
+    assert ep.support_x.shape == (tasks, ways * shots, 2, 2, 2)
+    assert ep.query_x.shape == (tasks, ways * queries, 2, 2, 2)
+    sc, si = identities(sampler, ep.support_x)
+    qc, qi = identities(sampler, ep.query_x)
+    for t in range(tasks):
+        assert sorted(set(ep.support_y[t].tolist())) == list(range(ways))
+        for label in range(ways):
+            cls = set(sc[t][ep.support_y[t] == label].tolist()) | set(qc[t][ep.query_y[t] == label].tolist())
+            assert len(cls) == 1  # one source class per label
+            s_idx = si[t][ep.support_y[t] == label].tolist()
+            q_idx = qi[t][ep.query_y[t] == label].tolist()
+            assert len(s_idx) == shots and len(q_idx) == queries
+            assert len(set(s_idx) | set(q_idx)) == shots + queries  # disjoint, no repeats
+        assert len(set(sc[t].tolist())) == ways  # distinct classes per task
+
+
+def test_padded_classes_never_yield_padding():
+    per_class = [torch.full((n, 1, 2, 2), 1 + i, dtype=torch.uint8) for i, n in enumerate([3, 7, 4])]
+    split = stack_classes(per_class, ["a", "b", "c"])
+    assert split.counts.tolist() == [3, 7, 4]
+    sampler = EpisodeSampler(split, 3, 1, 2, (0.0,), (1.0,), seed=0)
+    for _ in range(20):
+        ep = sampler.sample(4)
+        assert (ep.support_x > 0).all() and (ep.query_x > 0).all()
+
+
+def test_same_seed_same_episodes_and_shards_partition_the_meta_batch():
+    def make():
+        return EpisodeSampler(numbered_split(), 5, 1, 3, (0.5, 0.5), (0.25, 0.25), seed=7)
+
+    a, b = make(), make()
+    full = a.sample(4)
+    halves = [make().sample(4, shard=(rank, 2)) for rank in (0, 1)]  # one sampler per process
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(torch.cat([h.support_x for h in halves]), full.support_x)
+    assert torch.equal(torch.cat([h.query_x for h in halves]), full.query_x)
+    assert torch.equal(a.sample(2).query_x, b.sample(2).query_x)
+
+
+def test_fixed_episodes_ignore_the_sampler_state_and_chunking():
+    s = EpisodeSampler(numbered_split(), 5, 2, 3, (0.5, 0.5), (0.25, 0.25), seed=1)
+    first = fixed_episodes(s, 10, seed=3)
+    s.sample(5)  # advances the training generator
+    again = fixed_episodes(s, 10, seed=3)
+    assert torch.equal(first.classes, again.classes) and torch.equal(first.images, again.images)
+    whole = s.gather(first)
+    parts = [s.gather(first[i : i + 3]) for i in range(0, 10, 3)]
+    assert torch.equal(torch.cat([p.support_x for p in parts]), whole.support_x)
+
+
+@pytest.mark.parametrize(
+    "ways,shots,queries,message",
+    [(13, 1, 1, "only 12 classes"), (5, 6, 5, "only 10 images"), (0, 1, 1, "ways=0"), (5, -1, 1, "shots=-1")],
+)
+def test_impossible_episodes_are_config_errors(ways, shots, queries, message):
+    with pytest.raises(ConfigError, match=message):
+        check_episode(numbered_split(), ways, shots, queries, "train")
+
+
+def test_image_batches_carry_split_class_labels():
+    sampler = EpisodeSampler(numbered_split(), 5, 1, 1, (0.5, 0.5), (0.25, 0.25), seed=0)
+    batch = sampler.sample_images(64)
+    cls, _ = identities(sampler, batch.x)
+    assert torch.equal(cls, batch.y)
