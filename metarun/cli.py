@@ -47,6 +47,9 @@ def config_dir() -> str:
 def one_line(ex: BaseException) -> str:
     """Hydra's and OmegaConf's multi-line messages, folded into one line a user can act on."""
     text = str(ex).split("\nConfig search path")[0]
+    key = getattr(ex, "full_key", None)
+    if key and key not in text:
+        text = f"{text} ({key})"
     if isinstance(ex.__cause__, Exception) and str(ex.__cause__) not in text:
         text = f"{text}: {ex.__cause__}"
     noise = ("full_key", "object_type", "reference_type", "Set the environment")

@@ -38,6 +38,16 @@ class GlyphsConfig(DatasetConfig):
 
 
 @dataclass
+class SinusoidConfig(DatasetConfig):
+    _target_: str = "metarun.data.sinusoid.load"
+    amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])
+    phase: list[float] = field(default_factory=lambda: [0.0, 3.141592653589793])
+    x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
+    #: tasks are generated where the run is: nothing to keep off the device
+    on_device: str = "true"
+
+
+@dataclass
 class OmniglotConfig(DatasetConfig):
     _target_: str = "metarun.data.omniglot.load"
     root: str = "data/omniglot"
@@ -51,6 +61,50 @@ class OmniglotConfig(DatasetConfig):
     seed: int = 0
     #: characters carved out of meta-training for validation (null: 100 for full, 10% for small)
     val_classes: Optional[int] = None
+
+
+@dataclass
+class MiniImageNetConfig(DatasetConfig):
+    _target_: str = "metarun.data.miniimagenet.load"
+    root: str = "data/miniimagenet"
+
+
+@dataclass
+class TieredImageNetConfig(DatasetConfig):
+    _target_: str = "metarun.data.tieredimagenet.load"
+    root: str = "data/tieredimagenet"
+
+
+@dataclass
+class CifarFSConfig(DatasetConfig):
+    _target_: str = "metarun.data.cifar.load_cifarfs"
+    #: shared with fc100: one CIFAR-100 archive serves both
+    root: str = "data/cifar100"
+    download: bool = True
+
+
+@dataclass
+class FC100Config(CifarFSConfig):
+    _target_: str = "metarun.data.cifar.load_fc100"
+
+
+@dataclass
+class CUBConfig(DatasetConfig):
+    _target_: str = "metarun.data.cub.load"
+    root: str = "data/cub"
+
+
+@dataclass
+class FolderConfig(DatasetConfig):
+    _target_: str = "metarun.data.folder.load"
+    #: DIR/<class>/* or DIR/{train,val,test}/<class>/*
+    path: str = MISSING
+    image_size: int = 84
+    channels: int = 3
+    split_fractions: list[float] = field(default_factory=lambda: [0.64, 0.16, 0.2])
+    seed: int = 0
+    #: where the decoded cache goes (null: inside `path`)
+    root: Optional[str] = None
 
 
 # -- backbones ------------------------------------------------------------------
@@ -77,6 +131,61 @@ class MLPConfig:
 @dataclass
 class ProtoNetConfig:
     _target_: str = "metarun.algorithms.protonet.ProtoNet"
+
+
+@dataclass
+class MAMLConfig:
+    _target_: str = "metarun.algorithms.maml.MAML"
+    #: step size of the inner (per-task) gradient steps
+    inner_lr: float = 0.4
+    #: inner steps per task in meta-training
+    inner_steps: int = 1
+    #: inner steps per task at validation and test time
+    inner_steps_eval: int = 3
+    #: drop the second-order terms (FOMAML)
+    first_order: bool = False
+    #: auto | vmap | loop: how the tasks of a batch are run (auto: by task size, see algorithms/functional.py)
+    strategy: str = "auto"
+    #: vmap this many tasks at a time (null: all), to bound memory
+    chunk_size: Optional[int] = None
+
+
+@dataclass
+class ANILConfig(MAMLConfig):
+    _target_: str = "metarun.algorithms.anil.ANIL"
+
+
+@dataclass
+class MetaSGDConfig(MAMLConfig):
+    _target_: str = "metarun.algorithms.metasgd.MetaSGD"
+
+
+@dataclass
+class ReptileConfig:
+    _target_: str = "metarun.algorithms.reptile.Reptile"
+    inner_lr: float = 1e-3
+    inner_steps: int = 5
+    inner_steps_eval: int = 50
+    #: sgd | adam (Adam with beta1 = 0, as in the paper)
+    inner_optimizer: str = "adam"
+    #: samples per inner step, cycling through the task's support + query (null: all of them)
+    inner_batch: Optional[int] = None
+    strategy: str = "auto"
+    chunk_size: Optional[int] = None
+
+
+@dataclass
+class FinetuneConfig:
+    _target_: str = "metarun.algorithms.finetune.Finetune"
+    #: linear (Baseline) | cosine (Baseline++)
+    head: str = "linear"
+    #: images per pre-training step (drawn from all training classes)
+    batch_size: int = 64
+    #: full-batch Adam steps fitting each test episode's classifier
+    finetune_steps: int = 100
+    finetune_lr: float = 0.01
+    #: logit scale of the cosine head
+    cosine_scale: float = 10.0
 
 
 # -- the rest ---------------------------------------------------------------------
@@ -188,9 +297,26 @@ class EvalJobConfig:
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "dataset": {"glyphs": GlyphsConfig, "omniglot": OmniglotConfig},
+    "dataset": {
+        "glyphs": GlyphsConfig,
+        "omniglot": OmniglotConfig,
+        "sinusoid": SinusoidConfig,
+        "miniimagenet": MiniImageNetConfig,
+        "tieredimagenet": TieredImageNetConfig,
+        "cifarfs": CifarFSConfig,
+        "fc100": FC100Config,
+        "cub": CUBConfig,
+        "folder": FolderConfig,
+    },
     "backbone": {"conv4": Conv4Config, "resnet12": ResNet12Config, "mlp": MLPConfig},
-    "algo": {"protonet": ProtoNetConfig},
+    "algo": {
+        "protonet": ProtoNetConfig,
+        "maml": MAMLConfig,
+        "anil": ANILConfig,
+        "metasgd": MetaSGDConfig,
+        "reptile": ReptileConfig,
+        "finetune": FinetuneConfig,
+    },
 }
 
 
