@@ -63,3 +63,13 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", "metarun", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def dataset_config(name: str, **overrides):
+    """The composed ``dataset`` node of ``dataset=<name>``, with keys overridden."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"dataset={name}", *(f"dataset.{k}={v}" for k, v in overrides.items())])
+    GlobalHydra.instance().clear()
+    return cfg.dataset

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import io
 import pickle
 import tarfile
@@ -12,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from metarun.data import cifar
 from metarun.errors import DataError
+from metarun.factory import build_dataset
+from tests.conftest import dataset_config
 from tests.helpers.http_server import LocalHTTPServer
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 # CIFAR-100's real hierarchy: super-class -> its five fine classes.
 HIERARCHY = {
     "aquatic_mammals": ("beaver", "dolphin", "otter", "seal", "whale"),
@@ -111,12 +109,6 @@ def test_published_fc100_split_lists() -> None:
     assert [COARSE.index(n) for n in supers["val"]] == [8, 11, 13, 16]
 
 
-@pytest.mark.parametrize(("name", "target"), [("cifarfs", "load_cifarfs"), ("fc100", "load_fc100")])
-def test_yaml_matches_loader(name: str, target: str) -> None:
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    assert cfg.pop("_target_") == f"metarun.data.cifar.{target}"
-    params = inspect.signature(getattr(cifar, target)).parameters
-    assert OmegaConf.to_container(cfg) == {k: p.default for k, p in params.items()}
 
 
 def check_images(ds) -> None:
@@ -130,7 +122,7 @@ def check_images(ds) -> None:
 
 
 def test_cifarfs_downloads_and_uses_the_published_split(server: LocalHTTPServer, tmp_path: Path) -> None:
-    ds = instantiate(OmegaConf.load(CONF / "cifarfs.yaml"), root=str(tmp_path))
+    ds = build_dataset(dataset_config("cifarfs", root=str(tmp_path)))
     assert (tmp_path / "cifar-100-python.tar.gz").is_file()
     assert {s: v.num_classes for s, v in ds.splits.items()} == {"train": 64, "val": 16, "test": 20}
     for split, names in cifar.CIFARFS_CLASSES.items():
@@ -141,7 +133,7 @@ def test_cifarfs_downloads_and_uses_the_published_split(server: LocalHTTPServer,
 
 def test_fc100_splits_by_superclass_and_shares_the_archive(server: LocalHTTPServer, tmp_path: Path) -> None:
     cifar.load_cifarfs(root=str(tmp_path))
-    ds = instantiate(OmegaConf.load(CONF / "fc100.yaml"), root=str(tmp_path))
+    ds = build_dataset(dataset_config("fc100", root=str(tmp_path)))
     assert len(server.requests) == 1
     assert {s: v.num_classes for s, v in ds.splits.items()} == {"train": 60, "val": 20, "test": 20}
     for split, supers in cifar.FC100_SUPERCLASSES.items():

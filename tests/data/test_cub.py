@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 
 from metarun.data import cub
 from metarun.errors import DataError
+from metarun.factory import build_dataset
+from tests.conftest import dataset_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 SPECIES = [f"{i + 1:03d}.Bird_{i + 1}" for i in range(8)]
 SIZES = [2, 3, 4, 2, 3, 2, 1, 3]
 
@@ -42,16 +40,11 @@ def test_split_of_follows_chen_et_al() -> None:
     assert splits[:8] == ["train", "val", "train", "test", "train", "val", "train", "test"]
 
 
-def test_yaml_matches_loader() -> None:
-    cfg = OmegaConf.load(CONF / "cub.yaml")
-    assert cfg.pop("_target_") == "metarun.data.cub.load"
-    params = inspect.signature(cub.load).parameters
-    assert OmegaConf.to_container(cfg) == {k: p.default for k, p in params.items()}
 
 
 def test_official_layout(tmp_path: Path) -> None:
     write_cub(tmp_path / "CUB_200_2011")
-    ds = instantiate(OmegaConf.load(CONF / "cub.yaml"), root=str(tmp_path))
+    ds = build_dataset(dataset_config("cub", root=str(tmp_path)))
     expected = {"train": [0, 2, 4, 6], "val": [1, 5], "test": [3, 7]}
     for split, indices in expected.items():
         s = ds.splits[split]

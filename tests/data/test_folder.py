@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 
 from metarun.data import folder
 from metarun.errors import ConfigError, DataError
+from metarun.factory import build_dataset
+from tests.conftest import dataset_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 FORMATS = ("png", "jpg", "bmp", "gif", "webp")
 
 
@@ -38,20 +36,11 @@ def load(path: Path, **kwargs):
     return folder.load(path=str(path), **kwargs)
 
 
-def test_yaml_matches_loader() -> None:
-    cfg = OmegaConf.load(CONF / "folder.yaml")
-    assert cfg.pop("_target_") == "metarun.data.folder.load"
-    params = inspect.signature(folder.load).parameters
-    assert cfg.keys() == params.keys()
-    assert OmegaConf.is_missing(cfg, "path")
-    for key in ("image_size", "channels", "seed", "root"):
-        assert cfg[key] == params[key].default
-    assert list(cfg.split_fractions) == list(params["split_fractions"].default)
 
 
 def test_flat_layout_is_split_by_class_with_a_seed(tmp_path: Path) -> None:
     data = write_flat(tmp_path / "data")
-    ds = instantiate(OmegaConf.load(CONF / "folder.yaml"), path=str(data), image_size=16)
+    ds = build_dataset(dataset_config("folder", path=str(data), image_size=16))
     assert {s: v.num_classes for s, v in ds.splits.items()} == {"train": 6, "val": 2, "test": 2}
     names = [set(v.class_names) for v in ds.splits.values()]
     assert set.union(*names) == {f"class{c:02d}" for c in range(10)} and sum(map(len, names)) == 10

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import inspect
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 
 from metarun.data import miniimagenet
 from metarun.errors import DataError
+from metarun.factory import build_dataset
+from tests.conftest import dataset_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 CLASSES = {"train": ["n01", "n02", "n03"], "val": ["n04", "n05"], "test": ["n06", "n07"]}
 PER_CLASS = 4
 
@@ -67,16 +65,11 @@ def check(ds, channel: int) -> None:
     assert len(ds.mean) == 3 and len(ds.std) == 3
 
 
-def test_yaml_matches_loader() -> None:
-    cfg = OmegaConf.load(CONF / "miniimagenet.yaml")
-    assert cfg.pop("_target_") == "metarun.data.miniimagenet.load"
-    params = inspect.signature(miniimagenet.load).parameters
-    assert OmegaConf.to_container(cfg) == {k: p.default for k, p in params.items()}
 
 
 def test_csv_layout(tmp_path: Path) -> None:
     write_csv_layout(tmp_path)
-    ds = instantiate(OmegaConf.load(CONF / "miniimagenet.yaml"), root=str(tmp_path))
+    ds = build_dataset(dataset_config("miniimagenet", root=str(tmp_path)))
     check(ds, channel=0)
     assert ds.meta["layout"] == "csv"
 

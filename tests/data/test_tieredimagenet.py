@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from metarun.data import tieredimagenet
 from metarun.errors import DataError
+from metarun.factory import build_dataset
+from tests.conftest import dataset_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 SIZE = 84
 # split -> class names in label_specific order, with a different number of images per class
 CLASSES = {"train": ["n01", "n02", "n03"], "val": ["n04", "n05"], "test": ["n06", "n07"]}
@@ -51,18 +49,13 @@ def write_dataset(root: Path, fmt: str) -> Path:
     return root
 
 
-def test_yaml_matches_loader() -> None:
-    cfg = OmegaConf.load(CONF / "tieredimagenet.yaml")
-    assert cfg.pop("_target_") == "metarun.data.tieredimagenet.load"
-    params = inspect.signature(tieredimagenet.load).parameters
-    assert OmegaConf.to_container(cfg) == {k: p.default for k, p in params.items()}
 
 
 @pytest.mark.parametrize("fmt", ["npz", "npz_compressed", "npy"])
 def test_layouts_group_by_class_in_order(tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tieredimagenet, "ROW_CHUNK_BYTES", 2 * SIZE * SIZE * 3)  # several chunks per split
     root = write_dataset(tmp_path, fmt)
-    ds = instantiate(OmegaConf.load(CONF / "tieredimagenet.yaml"), root=str(root))
+    ds = build_dataset(dataset_config("tieredimagenet", root=str(root)))
     for split, names in CLASSES.items():
         s = ds.splits[split]
         assert s.class_names == names
