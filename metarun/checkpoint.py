@@ -10,6 +10,7 @@ leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import errno
 import random
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,16 @@ def seed_everything(seed: int) -> None:
 
 
 def save_checkpoint(path: Path, **payload: Any) -> None:
-    atomic_torch_save({"format": FORMAT, "version": metarun.__version__, "rng": rng_state(), **payload}, path)
+    """Writes ``path`` atomically; a full disk is the user's to fix, so it is a one-line error, not a traceback."""
+    try:
+        atomic_torch_save({"format": FORMAT, "version": metarun.__version__, "rng": rng_state(), **payload}, path)
+    except OSError as ex:
+        if ex.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise CheckpointError(
+            f"no space left writing {path}; the previous checkpoint is intact: free some space, then continue with "
+            f"metarun train resume={path.parent.parent}"
+        ) from None
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = "best.pt") -> Path:
@@ -73,7 +83,7 @@ def load_checkpoint(path: str | Path, prefer: str = "best.pt") -> dict:
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{p} was written by metarun {ckpt.get('version', '?')} in checkpoint format {ckpt.get('format')}; "
-            f"this metarun ({metarun.__version__}) reads format {FORMAT}"
+            f"this metarun ({metarun.__version__}) reads format {FORMAT}: use metarun {ckpt.get('version', '?')} for it, or train again"
         )
     ckpt["path"] = p
     return ckpt
@@ -90,7 +100,10 @@ def load_model_state(model: torch.nn.Module, state: dict, source: Path) -> None:
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
             if keys:
                 parts.append(f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
-        raise CheckpointError(f"checkpoint {source} does not match the model config ({'; '.join(parts)})")
+        raise CheckpointError(
+            f"checkpoint {source} does not match the model its config builds ({'; '.join(parts)}): "
+            "was it written by another version of metarun or of the model code?"
+        )
     model.load_state_dict(state)
 
 

@@ -12,6 +12,7 @@ Errors reach the user as one line: Hydra's composition errors and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -80,9 +81,26 @@ def user_error(ex: BaseException) -> MetarunError | None:
     return None
 
 
-def report(ex: Exception) -> int:
-    """Prints ``ex`` as one line and returns its exit code (2: usage/config, 1: run time)."""
-    cause = user_error(ex)
+def unknown_key(ex: BaseException) -> MetarunError | None:
+    """A misspelt key: Hydra advises ``+key=value``, which would add a key nothing reads; name the valid keys instead."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from metarun.config import unknown_key as named
+
+    cause = ex.__cause__
+    match = re.match(r"Could not override '([^']+)'", str(ex))
+    if match is None or not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not dataclasses.is_dataclass(cause.object_type):
+        return None
+    key = cause.full_key if "." in cause.full_key or cause.full_key == match[1] else f"{match[1]}.{cause.full_key}"
+    return named(key, cause.object_type)
+
+
+def report(ex: BaseException) -> int:
+    """Prints ``ex`` as one line and returns its exit code (2: usage/config, 1: run time, 130: Ctrl-C)."""
+    if isinstance(ex, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    cause = user_error(ex) or unknown_key(ex)
     if cause is not None:
         print(f"error: {cause}", file=sys.stderr)
         return cause.exit_code
@@ -97,7 +115,7 @@ def run_and_report(func: Callable[[], Any]) -> Any:
     """Replaces Hydra's reporter (composition errors and anything outside a job)."""
     try:
         return func()
-    except Exception as ex:
+    except (Exception, KeyboardInterrupt) as ex:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         sys.exit(report(ex))
@@ -115,7 +133,7 @@ def single_run_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
             return task(cfg)
         try:
             return task(cfg)
-        except Exception as ex:
+        except (Exception, KeyboardInterrupt) as ex:
             sys.exit(report(ex))
 
     return wrapper
@@ -145,10 +163,23 @@ def run_hydra_command(command: str, argv: list[str]) -> None:
 
     register_configs()
     hydra_utils.run_and_report = run_and_report
-    if command == "train":
-        from metarun.trainer import train_task as task
-    else:
-        from metarun.evaluation import eval_task as task
+
+    def task(cfg):
+        """Imports the command's code only once a job starts: torch takes seconds to import, and a typo
+        or a value out of range in an override (or ``--help``, ``--cfg job``) deserves its answer before that."""
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        from metarun.config import EvalJobConfig, TrainConfig, check_values
+
+        if HydraConfig.get().mode != RunMode.MULTIRUN:  # in a sweep, the job checks and records its own failure
+            check_values(cfg, TrainConfig if command == "train" else EvalJobConfig)
+        if command == "train":
+            from metarun.trainer import train_task as run
+        else:
+            from metarun.evaluation import eval_task as run
+        return run(cfg)
+
     sys.argv = [f"metarun {command}", *argv]
     hydra.main(config_path=config_dir(), config_name=COMMANDS[command][0], version_base="1.3")(single_run_errors(task))()
 

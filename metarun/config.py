@@ -3,16 +3,31 @@
 Each YAML option under ``conf/<group>/`` starts from one of the schemas stored
 here (``defaults: [/schema/<group>/<name>@_here_]``), so a misspelt key or a
 value of the wrong type fails at composition with Hydra's own message, before
-any work is done.
+any work is done. What a type cannot express (a count that must be positive, a
+string from a short list) is field metadata, checked by :func:`check_values`
+when a run starts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from metarun.errors import ConfigError
+
+
+def choice(default: Any, *others: Any) -> Any:
+    """A field that takes one of a few values; :func:`check_values` rejects the rest before any work is done."""
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
+def at_least(low: float, default: float) -> Any:
+    """A number with a lower bound (a type cannot say that a count must be positive); see :func:`check_values`."""
+    return field(default=default, metadata={"min": low})
 
 
 # -- datasets -------------------------------------------------------------------
@@ -137,16 +152,16 @@ class ProtoNetConfig:
 class MAMLConfig:
     _target_: str = "metarun.algorithms.maml.MAML"
     #: step size of the inner (per-task) gradient steps
-    inner_lr: float = 0.4
-    #: inner steps per task in meta-training
-    inner_steps: int = 1
+    inner_lr: float = at_least(0.0, 0.4)
+    #: inner steps per task in meta-training (0: no adaptation, i.e. joint training)
+    inner_steps: int = at_least(0, 1)
     #: inner steps per task at validation and test time
-    inner_steps_eval: int = 3
+    inner_steps_eval: int = at_least(0, 3)
     #: drop the second-order terms (FOMAML)
     first_order: bool = False
-    #: auto | vmap | loop: how the tasks of a batch are run (auto: by task size, see algorithms/functional.py)
-    strategy: str = "auto"
-    #: vmap this many tasks at a time (null: all), to bound memory
+    #: auto | vmap | loop: how the tasks of a batch run (auto: by task size, see metarun/algorithms/functional.py)
+    strategy: str = choice("auto", "vmap", "loop")
+    #: with vmap, this many tasks at a time (null: all at once), to bound memory
     chunk_size: Optional[int] = None
 
 
@@ -163,14 +178,14 @@ class MetaSGDConfig(MAMLConfig):
 @dataclass
 class ReptileConfig:
     _target_: str = "metarun.algorithms.reptile.Reptile"
-    inner_lr: float = 1e-3
-    inner_steps: int = 5
-    inner_steps_eval: int = 50
-    #: sgd | adam (Adam with beta1 = 0, as in the paper)
-    inner_optimizer: str = "adam"
-    #: samples per inner step, cycling through the task's support + query (null: all of them)
+    inner_lr: float = at_least(0.0, 1e-3)
+    inner_steps: int = at_least(1, 5)
+    inner_steps_eval: int = at_least(0, 50)
+    #: adam (beta1 = 0, as in the paper) | sgd
+    inner_optimizer: str = choice("adam", "sgd")
+    #: samples per inner step, cycling through each task's support + query (null: all of them)
     inner_batch: Optional[int] = None
-    strategy: str = "auto"
+    strategy: str = choice("auto", "vmap", "loop")
     chunk_size: Optional[int] = None
 
 
@@ -178,14 +193,14 @@ class ReptileConfig:
 class FinetuneConfig:
     _target_: str = "metarun.algorithms.finetune.Finetune"
     #: linear (Baseline) | cosine (Baseline++)
-    head: str = "linear"
-    #: images per pre-training step (drawn from all training classes)
-    batch_size: int = 64
-    #: full-batch Adam steps fitting each test episode's classifier
-    finetune_steps: int = 100
-    finetune_lr: float = 0.01
+    head: str = choice("linear", "cosine")
+    #: images per pre-training step, drawn from all training classes
+    batch_size: int = at_least(1, 64)
+    #: full-batch Adam steps fitting each test episode's new classifier
+    finetune_steps: int = at_least(0, 100)
+    finetune_lr: float = at_least(0.0, 0.01)
     #: logit scale of the cosine head
-    cosine_scale: float = 10.0
+    cosine_scale: float = at_least(0.0, 10.0)
 
 
 # -- the rest ---------------------------------------------------------------------
@@ -197,59 +212,59 @@ class DeviceConfig:
 
 @dataclass
 class TaskConfig:
-    ways: int = 5
-    shots: int = 1
-    queries: int = 15
+    ways: int = at_least(1, 5)
+    shots: int = at_least(1, 1)
+    queries: int = at_least(1, 15)
     #: tasks per meta-step
-    meta_batch: int = 1
+    meta_batch: int = at_least(1, 1)
 
 
 @dataclass
 class TrainerConfig:
-    steps: int = 2000
-    lr: float = 1e-3
+    steps: int = at_least(0, 2000)
+    lr: float = at_least(0.0, 1e-3)
     #: adam | sgd
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
+    optimizer: str = choice("adam", "sgd")
+    weight_decay: float = at_least(0.0, 0.0)
     #: constant | cosine | linear | step (halves every quarter of the run)
-    schedule: str = "cosine"
+    schedule: str = choice("cosine", "constant", "linear", "step")
     #: 0 disables clipping
-    grad_clip: float = 0.0
-    val_every: int = 500
-    val_episodes: int = 200
-    log_every: int = 50
+    grad_clip: float = at_least(0.0, 0.0)
+    val_every: int = at_least(1, 500)
+    val_episodes: int = at_least(1, 200)
+    log_every: int = at_least(1, 50)
     seed: int = 0
     #: fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
-    precision: str = "fp32"
+    precision: str = choice("fp32", "bf16", "fp16")
     compile: bool = False
     channels_last: bool = False
-    #: stop | skip: what a NaN or infinite loss does
-    nan_policy: str = "stop"
+    #: stop | skip: what a NaN or infinite loss does (stop: the run ends, its last good checkpoint kept)
+    nan_policy: str = choice("stop", "skip")
     #: how many step-numbered checkpoints to keep besides best.pt and last.pt (0: none)
-    keep_checkpoints: int = 0
+    keep_checkpoints: int = at_least(0, 0)
     progress: bool = True
 
 
 @dataclass
 class EvalSetting:
-    ways: int = 5
-    shots: int = 1
+    ways: int = at_least(1, 5)
+    shots: int = at_least(1, 1)
 
 
 @dataclass
 class EvalConfig:
     settings: list[EvalSetting] = field(default_factory=lambda: [EvalSetting(5, 1), EvalSetting(5, 5)])
-    queries: int = 15
-    episodes: int = 600
+    queries: int = at_least(1, 15)
+    episodes: int = at_least(1, 600)
     seed: int = 2026
     #: episodes evaluated together in one batched call
-    batch_tasks: int = 16
+    batch_tasks: int = at_least(1, 16)
     #: transductive | support | running; null: the algorithm's documented default
-    bn_mode: Optional[str] = None
+    bn_mode: Optional[str] = choice(None, "transductive", "support", "running")
     #: episodes | omniglot_runs
-    protocol: str = "episodes"
+    protocol: str = choice("episodes", "omniglot_runs")
     runs_path: Optional[str] = None
-    split: str = "test"
+    split: str = choice("test", "val", "train")
     after_train: bool = True
 
 
@@ -327,3 +342,39 @@ def register_configs() -> None:
     for group, nodes in SCHEMAS.items():
         for name, node in nodes.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def unknown_key(key: str, schema: type) -> ConfigError:
+    """Names the keys that exist: Hydra's own advice for a misspelt key, ``+key=value``, adds a key nothing reads."""
+    names = ", ".join(f.name for f in fields(schema) if not f.name.startswith("_"))
+    return ConfigError(f"unknown key '{key}': valid keys are {names}")
+
+
+def check_values(cfg: DictConfig, schema: type, prefix: str = "") -> None:
+    """Ranges, choices and keys added with ``+``: what the types cannot check, checked before any work is done.
+
+    The schema, not the node, says what to check, so a resumed run's saved
+    (untyped) config is checked the same way.
+    """
+    known = {f.name for f in fields(schema)}
+    for key in cfg:
+        if key not in known:
+            raise unknown_key(f"{prefix}{key}", schema)
+    hints = typing.get_type_hints(schema)
+    for f in fields(schema):
+        if f.name not in cfg or OmegaConf.is_missing(cfg, f.name):
+            continue
+        value, key = cfg[f.name], prefix + f.name
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            shown = ", ".join("null" if c is None else str(c) for c in f.metadata["choices"])
+            raise ConfigError(f"{key}={value}: valid values are {shown}")
+        if "min" in f.metadata and value < f.metadata["min"]:
+            raise ConfigError(f"{key}={value}: must be at least {f.metadata['min']}")
+        hint = hints[f.name]
+        if isinstance(value, DictConfig):
+            node_schema = hint if is_dataclass(hint) else OmegaConf.get_type(value)  # Any: the option's own schema
+            if is_dataclass(node_schema):
+                check_values(value, node_schema, f"{key}.")
+        elif isinstance(value, ListConfig) and typing.get_args(hint) and is_dataclass(item := typing.get_args(hint)[0]):
+            for i, entry in enumerate(value):
+                check_values(entry, item, f"{key}[{i}].")

@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from metarun.algorithms.base import Algorithm
-from metarun.data.episodes import Episode, fixed_episodes
+from metarun.config import EvalConfig, check_values
+from metarun.data.episodes import Episode, check_episode, fixed_episodes
 from metarun.errors import ConfigError
 from metarun.progress import progress_bar
 
@@ -124,31 +125,43 @@ def write_eval_json(path: Path, checkpoint: Path, dataset: str, protocol: str, s
     tmp.replace(path)
 
 
+def check_settings(dataset, eval_cfg: DictConfig) -> None:
+    """Every evaluation setting against its split as soon as the data is loaded, so that a setting the
+    data cannot serve fails in seconds rather than at the end of a long training run."""
+    if eval_cfg.protocol == "omniglot_runs":
+        if not eval_cfg.runs_path:
+            raise ConfigError("eval.protocol=omniglot_runs needs eval.runs_path=DIR (the folder holding run01, run02, ...)")
+        return
+    if hasattr(dataset, "sampler"):  # generated tasks: any setting can be drawn
+        return
+    for i, s in enumerate(eval_cfg.settings):
+        keys = (f"eval.settings[{i}].ways", f"eval.settings[{i}].shots", "eval.queries")
+        check_episode(dataset.splits[eval_cfg.split], s.ways, s.shots, eval_cfg.queries, eval_cfg.split, keys)
+
+
 def run_evaluation(cfg: DictConfig, eval_cfg: DictConfig, checkpoint: Path, device: torch.device, run_dir: Path, logger=None, console: Console | None = None) -> list[dict]:
     """Rebuilds the model of a checkpoint's run, evaluates it and writes ``eval.json`` into ``run_dir``."""
     from metarun.checkpoint import load_checkpoint, load_model_state
     from metarun.factory import build_algorithm, build_dataset, build_sampler
 
+    check_values(eval_cfg, EvalConfig, "eval.")
     ckpt = load_checkpoint(checkpoint)
     dataset = build_dataset(cfg.dataset)
+    check_settings(dataset, eval_cfg)
     algorithm = build_algorithm(cfg, dataset).to(device)
     load_model_state(algorithm, ckpt["model"], ckpt["path"])
     bn_mode = resolve_bn_mode(algorithm, eval_cfg.bn_mode)
     console = console or Console()
     if eval_cfg.protocol == "omniglot_runs":
-        if not eval_cfg.runs_path:
-            raise ConfigError("eval.protocol=omniglot_runs needs eval.runs_path=DIR (the folder holding run01, run02, ...)")
         image_size = cfg.dataset.get("image_size", dataset.image_shape[-1])
         results = evaluate_omniglot_runs(algorithm, eval_cfg.runs_path, image_size, dataset.mean, dataset.std, device, bn_mode)
-    elif eval_cfg.protocol == "episodes":
+    else:
         settings = OmegaConf.to_container(eval_cfg.settings, resolve=True)
 
         def make_sampler(ways, shots, queries):
             return build_sampler(dataset, eval_cfg.split, ways, shots, queries, seed=0, device=device)
 
         results = evaluate_settings(algorithm, make_sampler, settings, eval_cfg.queries, eval_cfg.episodes, eval_cfg.seed, eval_cfg.batch_tasks, bn_mode)
-    else:
-        raise ConfigError(f"eval.protocol={eval_cfg.protocol}: valid protocols are episodes, omniglot_runs")
     console.print(results_table(results, f"{dataset.name} {eval_cfg.split} ({bn_mode} batch norm) — {ckpt['path']}"))
     write_eval_json(run_dir / "eval.json", ckpt["path"], dataset.name, eval_cfg.protocol, eval_cfg.split, bn_mode, results)
     if logger is not None:
@@ -167,7 +180,7 @@ def eval_task(cfg: DictConfig) -> float:
     device = resolve_device(cfg.device.type)
     path = ckpt["path"]
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    logger = build_logger(cfg.logger, run_dir, run_cfg, job_type="eval")
+    logger = build_logger(cfg.logger, run_dir, OmegaConf.merge(run_cfg, cfg), job_type="eval")
     try:
         results = run_evaluation(run_cfg, cfg.eval, path, device, run_dir, logger)
     finally:

@@ -30,12 +30,13 @@ def build_dataset(cfg: DictConfig) -> FewShotDataset:
 
 def data_device(dataset: FewShotDataset, device: torch.device, on_device: str) -> torch.device:
     """Where the uint8 splits live: the run's device unless they would not fit (``on_device=auto``)."""
-    if on_device in ("true", "True", True) or device.type == "cpu":
-        return device
-    if on_device in ("false", "False", False):
-        return torch.device("cpu")
-    if on_device != "auto":
+    on_device = str(on_device).lower()
+    if on_device not in ("auto", "true", "false"):  # checked first, so a typo fails on a CPU-only machine too
         raise ConfigError(f"dataset.on_device={on_device}: valid values are auto, true, false")
+    if on_device == "true" or device.type == "cpu":
+        return device
+    if on_device == "false":
+        return torch.device("cpu")
     if device.type == "cuda":
         need = sum(s.images.numel() for s in dataset.splits.values())
         free, _ = torch.cuda.mem_get_info(device)
@@ -53,7 +54,9 @@ def build_sampler(
     device: torch.device,
     augment: bool = False,
     channels_last: bool = False,
+    data_device: torch.device | None = None,
 ) -> EpisodeSampler:
+    """Episodes for a run on ``device``, sampled where the split lives (``data_device``, default ``device``)."""
     if hasattr(dataset, "sampler"):  # datasets that generate their tasks (e.g. regression toys)
         return dataset.sampler(split, ways=ways, shots=shots, queries=queries, seed=seed, device=device)
     transform = None
@@ -69,10 +72,11 @@ def build_sampler(
         dataset.mean,
         dataset.std,
         seed=seed,
-        device=device,
+        device=device if data_device is None else data_device,
         split_name=split,
         transform=transform,
         channels_last=channels_last,
+        output_device=device,
     )
 
 
@@ -83,8 +87,11 @@ def input_shape(dataset: FewShotDataset) -> tuple[int, ...]:
 def build_algorithm(cfg: DictConfig, dataset: FewShotDataset) -> Algorithm:
     backbone = instantiate(cfg.backbone, in_shape=input_shape(dataset), _convert_="all")
     extra: dict[str, Any] = {}
-    if hasattr(dataset, "splits") and "num_train_classes" in _init_params(cfg.algo):
+    params = _init_params(cfg.algo)
+    if hasattr(dataset, "splits") and "num_train_classes" in params:
         extra["num_train_classes"] = dataset.splits["train"].num_classes
+    if "task_kind" in params:  # classification | regression: the algorithm picks its loss, head and score from it
+        extra["task_kind"] = getattr(dataset, "task_kind", "classification")
     return instantiate(cfg.algo, backbone=backbone, ways=cfg.task.ways, _convert_="all", **extra)
 
 

@@ -22,8 +22,12 @@ class StopRequest:
         return self.signal is not None
 
     def _handle(self, signum, frame) -> None:
+        # os.write, not print: a handler may run in the middle of another write to stderr
         if self.signal is not None and signum == signal.SIGINT:
+            os.write(2, b"\ninterrupted again: exiting at once, without saving this step\n")
             os._exit(130)
+        if self.signal is None:
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again exits at once)\n".encode())
         self.signal = signum
 
     def __enter__(self) -> "StopRequest":

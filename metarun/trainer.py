@@ -15,33 +15,40 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.table import Table
 
 from metarun.checkpoint import load_checkpoint, load_model_state, prune_checkpoints, save_checkpoint, seed_everything, set_rng_state
+from metarun.config import TrainConfig, check_values
+from metarun.data.episodes import check_episode
 from metarun.device import autocast, resolve_device
 from metarun.distributed import average_gradients, check_divisible, init_distributed, shutdown
-from metarun.errors import MetarunError
-from metarun.evaluation import mean_ci95, resolve_bn_mode, run_evaluation, score_episodes
+from metarun.errors import ConfigError, MetarunError
+from metarun.evaluation import check_settings, mean_ci95, resolve_bn_mode, run_evaluation, score_episodes
 from metarun.factory import build_algorithm, build_dataset, build_optimizer, build_sampler, build_scheduler, data_device
 from metarun.interrupt import StopRequest
 from metarun.loggers import build_logger
 from metarun.progress import console
+from metarun.sweep import run_job, run_labels
 from metarun.training_progress import TrainingProgress
 
 
-def train_task(cfg: DictConfig) -> float:
-    """Hydra's task function: returns the best validation score (for sweepers)."""
-    return train(cfg, Path(HydraConfig.get().runtime.output_dir))
+def train_task(cfg: DictConfig) -> float | None:
+    """Hydra's task function: returns the best validation score (for sweepers); None for a failed sweep job."""
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
+    name, group = run_labels(hydra, cfg)
+    return run_job(lambda: train(cfg, run_dir, name, group), run_dir)
 
 
-def train(cfg: DictConfig, run_dir: Path) -> float:
+def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group: str | None = None) -> float:
     # -- resume: the saved config and run folder replace this job's ----------------
     resume = None
     if cfg.resume:
         resume = load_checkpoint(cfg.resume, prefer="last.pt")
-        cfg = OmegaConf.create(resume["config"])
+        cfg = resumed_config(cfg, resume["config"])
         run_dir = resume["path"].parent.parent
+    check_values(cfg, TrainConfig)
     t, tr = cfg.task, cfg.trainer
 
     # -- build everything ----------------------------------------------------
@@ -52,19 +59,26 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     dataset = build_dataset(cfg.dataset)
+    if not hasattr(dataset, "sampler"):  # datasets that generate their tasks serve any episode
+        check_episode(dataset.splits["train"], t.ways, t.shots, t.queries, "train", ("task.ways", "task.shots", "task.queries"))
+        check_episode(dataset.splits["val"], t.ways, t.shots, cfg.eval.queries, "val", ("task.ways", "task.shots", "eval.queries"))
+    if cfg.eval.after_train:
+        check_settings(dataset, cfg.eval)
     where = data_device(dataset, device, str(cfg.dataset.get("on_device", "auto")))
     algorithm = build_algorithm(cfg, dataset).to(device)
     if tr.channels_last:
         algorithm = algorithm.to(memory_format=torch.channels_last)
     bn_mode = resolve_bn_mode(algorithm, cfg.eval.bn_mode)
-    train_sampler = build_sampler(dataset, "train", t.ways, t.shots, t.queries, tr.seed, where, cfg.dataset.get("augment", False), tr.channels_last)
-    val_sampler = build_sampler(dataset, "val", t.ways, t.shots, cfg.eval.queries, tr.seed, where, channels_last=tr.channels_last)
+    train_sampler = build_sampler(dataset, "train", t.ways, t.shots, t.queries, tr.seed, device, cfg.dataset.get("augment", False), tr.channels_last, where)
+    val_sampler = build_sampler(dataset, "val", t.ways, t.shots, cfg.eval.queries, tr.seed, device, channels_last=tr.channels_last, data_device=where)
     optimizer = build_optimizer(algorithm, tr.optimizer, tr.lr, tr.weight_decay)
     scheduler = build_scheduler(optimizer, tr.schedule, tr.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=tr.precision == "fp16")
     loss_fn = torch.compile(algorithm.training_loss) if tr.compile else algorithm.training_loss
     params = [p for p in algorithm.parameters() if p.requires_grad]
-    step, best = 0, None
+    step, best, saved_step = 0, None, None
+    # metrics since the last log row; checkpoints carry them, so a resumed run writes the rows the uninterrupted one would
+    window: dict = {"sums": {}, "steps": 0, "skipped": 0, "last_finite": torch.zeros((), device=device)}
     if resume is not None:
         load_model_state(algorithm, resume["model"], resume["path"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -72,12 +86,15 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         scaler.load_state_dict(resume["scaler"])
         train_sampler.load_state_dict(resume["sampler"])
         set_rng_state(resume["rng"])
-        step, best = resume["step"], resume["best"]
+        step, best, saved_step = resume["step"], resume["best"], resume["step"]
+        saved = resume.get("window", window)  # a checkpoint from before windows were saved starts a new one
+        window = {**saved, "sums": {k: v.to(device) for k, v in saved["sums"].items()}, "last_finite": saved["last_finite"].to(device)}
     ckpt_dir = run_dir / "checkpoints"
-    logger = build_logger(cfg.logger, run_dir, cfg, resume_step=step if resume else None) if topo.is_main else None
+    logger = build_logger(cfg.logger, run_dir, cfg, resume_step=step if resume else None, name=run_name, group=run_group) if topo.is_main else None
     better = (lambda a, b: a > b) if algorithm.score == "accuracy" else (lambda a, b: a < b)
 
     def checkpoint(name: str) -> None:
+        nonlocal saved_step
         if topo.is_main:
             save_checkpoint(
                 ckpt_dir / name,
@@ -91,51 +108,66 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 mean=list(getattr(dataset, "mean", ())),
                 std=list(getattr(dataset, "std", ())),
                 config=OmegaConf.to_container(cfg, resolve=True),
+                window=window,
+            )
+            saved_step = step if name == "last.pt" else saved_step
+
+    def stop_if_not_finite() -> None:
+        """Called where the host waits anyway (log rows, validation, checkpoints), so a step never waits for it."""
+        if tr.nan_policy == "stop" and int(bad_step):
+            kept = f"{ckpt_dir / 'last.pt'} from step {saved_step} is the last good checkpoint" if saved_step is not None else "no checkpoint was written before it"
+            raise MetarunError(
+                f"loss is not finite at step {int(bad_step)} (last finite loss {float(window['last_finite']):.4g}); {kept}: "
+                "lower trainer.lr, or set trainer.nan_policy=skip to skip such steps"
             )
 
     # -- the loop ------------------------------------------------------------------
     if topo.is_main:
         console.print(f"[bold]metarun train[/] → {run_dir}  ({algorithm.__class__.__name__}, {dataset.name}, {device}, {topo.world} process(es), eval.bn_mode={bn_mode})")
-    sums: dict[str, torch.Tensor] = {}
-    last_finite = torch.zeros((), device=device)
-    window_start, window_steps = time.perf_counter(), 0
+    bad_step = torch.zeros((), dtype=torch.long, device=device)  # the first step whose loss was not finite (0: none)
+    window_start, window_done = time.perf_counter(), 0
     with StopRequest() as stop, TrainingProgress(tr.steps, step, enabled=tr.progress and topo.is_main) as bar:
         while step < tr.steps and not stop.requested:
             batch = algorithm.sample_batch(train_sampler, t.meta_batch, topo.shard)
             with autocast(device, tr.precision):
                 loss, metrics = loss_fn(batch)
-            finite = torch.isfinite(loss)
-            if tr.nan_policy == "skip" and not bool(finite):
-                step += 1
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            average_gradients(params, topo.world)
-            if tr.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, tr.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            finite = torch.isfinite(loss.detach())
+            if tr.nan_policy == "skip" and not bool(finite):  # the one host sync per step that skipping costs
+                window["skipped"] += 1
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                average_gradients(params, topo.world)
+                if tr.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, tr.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                window["steps"] += 1
+                for k, v in metrics.items():
+                    window["sums"][k] = window["sums"].get(k, 0) + v.float()
+            scheduler.step()  # also on a skipped step: the schedule follows the step count
             step += 1
-            window_steps += 1
-            last_finite = torch.where(finite, metrics["loss"].float(), last_finite)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.float()
+            window_done += 1
+            if tr.nan_policy == "stop":
+                bad_step = torch.where(finite | (bad_step > 0), bad_step, step)
+                window["last_finite"] = torch.where(bad_step > 0, window["last_finite"], loss.detach().float())
 
             if step % tr.log_every == 0 or step == tr.steps:
-                row = {k: float(v) / window_steps for k, v in sums.items()}
-                if not all(map(lambda v: v == v and abs(v) != float("inf"), row.values())):
-                    checkpoint_note = "the last good checkpoint is kept in " + str(ckpt_dir)
-                    raise MetarunError(f"non-finite loss by step {step} (last finite loss {float(last_finite):.4f}); {checkpoint_note}; lower trainer.lr or set trainer.nan_policy=skip")
+                stop_if_not_finite()
+                row = {k: float(v) / window["steps"] for k, v in window["sums"].items()}
+                if window["skipped"]:
+                    row["skipped_steps"] = window["skipped"]
                 elapsed = time.perf_counter() - window_start
-                row |= {"lr": scheduler.get_last_lr()[0], "steps_per_s": window_steps / max(elapsed, 1e-9)}
+                row |= {"lr": scheduler.get_last_lr()[0], "steps_per_s": window_done / max(elapsed, 1e-9)}
                 if logger:
                     logger.log(step, row)
                 bar.update(step, row)
-                sums, window_start, window_steps = {}, time.perf_counter(), 0
+                window |= {"sums": {}, "steps": 0, "skipped": 0}
+                window_start, window_done = time.perf_counter(), 0
 
             if step % tr.val_every == 0 or step == tr.steps:
+                stop_if_not_finite()
                 if topo.is_main:
                     scores = score_episodes(algorithm, val_sampler, tr.val_episodes, cfg.eval.seed + 1, cfg.eval.batch_tasks, bn_mode, "validation")
                     val, ci = mean_ci95(scores)
@@ -154,10 +186,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
     # -- interrupted: keep everything, say how to continue --------------------------
     if stop.requested:
+        stop_if_not_finite()
         checkpoint("last.pt")
         if logger:
             logger.close()
-        console.print(f"interrupted at step {step}/{tr.steps}; resume with: metarun train resume={run_dir}")
+        console.print(f"interrupted at step {step}/{tr.steps}; resume with: metarun train resume={run_dir}", soft_wrap=True, markup=False, highlight=False)
         shutdown()
         raise SystemExit(stop.exit_code)
 
@@ -172,6 +205,40 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         logger.close()
     shutdown()
     return float(best) if best is not None else float("nan")
+
+
+def resumed_config(cfg: DictConfig, saved: dict) -> DictConfig:
+    """The saved config of the run to continue.
+
+    Only that config reproduces the uninterrupted run, so an override on the
+    command line that would change it is refused rather than silently ignored
+    (repeating the run's own overrides, as a requeued job script does, is fine).
+    """
+    run = OmegaConf.create(saved)
+    typed = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    changed = []
+    for text in typed:
+        key = text.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+        if key == "resume":
+            continue
+        new, old = _leaves(OmegaConf.select(cfg, key), key), _leaves(OmegaConf.select(run, key), key)
+        changed += [f"{k}={new.get(k)} (the run has {old.get(k)})" for k in sorted(new.keys() | old.keys()) if new.get(k) != old.get(k)]
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ConfigError(
+            f"resume={cfg.resume} continues the run with its saved config, but {', '.join(changed[:3])}{more}: "
+            "drop these overrides, or start a new run to change them"
+        )
+    return run
+
+
+def _leaves(value, key: str) -> dict:
+    """``{dotted key: value}`` of a config node's leaves (lists count as one leaf)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: v for name, item in value.items() for k, v in _leaves(item, f"{key}.{name}").items()}
+    return {key: value}
 
 
 def summary_table(run_dir: Path, steps: int, best: float | None, score: str, results: list[dict]) -> Table:

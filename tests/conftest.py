@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,11 +59,19 @@ def compose_config():
     GlobalHydra.instance().clear()
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real CLI in a subprocess (``python -m metarun``), as a user runs it."""
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300, patches: dict | None = None
+) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess (``python -m metarun``), as a user runs it; ``patches``: see tests/helpers/patched_cli.py."""
+    module = ["metarun"] if patches is None else ["tests.helpers.patched_cli", json.dumps(patches)]
+    return subprocess.run([sys.executable, "-m", *module, *args], cwd=cwd or REPO, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def cli_env(env: dict | None = None) -> dict:
+    """A CLI subprocess's environment: this checkout importable, W&B off, tracebacks not forced on."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "metarun", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return full_env
 
 
 def dataset_config(name: str, **overrides):

@@ -9,11 +9,12 @@ build the same cache at once and none ever reads a half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import secrets
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -36,10 +37,16 @@ def cache_key(parts: dict) -> str:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """Save so that ``path`` is either the old file or the complete new one."""
+    """Save so that ``path`` is either the old file or the complete new one, even across a power cut.
+
+    The temporary file is created with the umask's permissions (not
+    ``mkstemp``'s owner-only ones), so checkpoints and caches in a shared
+    folder stay readable by the people sharing it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -47,8 +54,14 @@ def atomic_torch_save(obj, path: Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    with contextlib.suppress(OSError):  # makes the rename durable where the file system allows it (not all do)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def cached_dataset(root: Path, name: str, key_parts: dict, build: Callable[[], FewShotDataset]) -> FewShotDataset:
@@ -70,5 +83,8 @@ def cached_dataset(root: Path, name: str, key_parts: dict, build: Callable[[], F
             except Exception:  # a cache from an older torch or a damaged disk: rebuild it
                 path.unlink(missing_ok=True)
         dataset = build()
-        atomic_torch_save(dataset.state(), path)
+        try:
+            atomic_torch_save(dataset.state(), path)
+        except OSError as ex:  # the cache only saves time: a full disk must not stop the run
+            print(f"note: the decoded {name} dataset is not cached ({ex.strerror} writing {path})", file=sys.stderr)
         return dataset

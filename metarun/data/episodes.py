@@ -36,6 +36,13 @@ class Episode:
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
 
+    def select(self, tasks: slice) -> "Episode":
+        return Episode(self.support_x[tasks], self.support_y[tasks], self.query_x[tasks], self.query_y[tasks], self.ways)
+
+    def to(self, device: torch.device) -> "Episode":
+        tensors = (self.support_x, self.support_y, self.query_x, self.query_y)
+        return Episode(*(x.to(device, non_blocking=True) for x in tensors), self.ways)
+
 
 @dataclass
 class Batch:
@@ -54,18 +61,21 @@ class EpisodeIndices:
         return EpisodeIndices(self.classes[item], self.images[item])
 
 
-def check_episode(split: Split, ways: int, shots: int, queries: int, split_name: str) -> None:
-    """Reject impossible episodes before any work is done, naming the numbers."""
-    for key, value in (("ways", ways), ("shots", shots), ("queries", queries)):
+def check_episode(
+    split: Split, ways: int, shots: int, queries: int, split_name: str, keys: tuple[str, str, str] = ("ways", "shots", "queries")
+) -> None:
+    """Reject impossible episodes before any work is done, naming the numbers and the config ``keys`` that set them."""
+    ways_key, shots_key, queries_key = keys
+    for key, value in zip(keys, (ways, shots, queries), strict=True):
         if value <= 0:
             raise ConfigError(f"{key}={value}: episode sizes must be positive")
     if ways > split.num_classes:
-        raise ConfigError(f"ways={ways} but the {split_name} split has only {split.num_classes} classes: lower the ways")
+        raise ConfigError(f"{ways_key}={ways} but the {split_name} split has only {split.num_classes} classes: lower {ways_key}")
     per_class = split.min_images_per_class
     if shots + queries > per_class:
         raise ConfigError(
-            f"shots + queries = {shots} + {queries} = {shots + queries} but the {split_name} split has "
-            f"only {per_class} images in its smallest class: lower shots or queries"
+            f"{shots_key} + {queries_key} = {shots} + {queries} = {shots + queries} but the {split_name} split has "
+            f"only {per_class} images in its smallest class: lower {shots_key} or {queries_key}"
         )
 
 
@@ -74,6 +84,9 @@ class EpisodeSampler:
 
     ``transform`` maps float images in [0, 1] to what the model sees
     (augmentation); normalisation by ``mean``/``std`` always follows it.
+    ``output_device``, when it differs from ``device``, is where finished
+    episodes are sent: a GPU run whose split did not fit in GPU memory samples
+    on the CPU and moves only the episodes.
     """
 
     def __init__(
@@ -89,14 +102,18 @@ class EpisodeSampler:
         split_name: str = "train",
         transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
         channels_last: bool = False,
+        output_device: torch.device | str | None = None,
     ) -> None:
         check_episode(split, ways, shots, queries, split_name)
         self.device = torch.device(device)
+        self.output_device = self.device if output_device is None else torch.device(output_device)
         self.split = split if split.images.device == self.device else split.to(self.device)
         self.ways, self.shots, self.queries = ways, shots, queries
         c = split.images.shape[2]
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(c, 1, 1)
         self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32, device=self.device).view(c, 1, 1)
+        # bytes -> normalised floats in one pass: x * scale + shift
+        self.scale, self.shift = self.inv_std / 255.0, -self.mean * self.inv_std
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.transform = transform
         self.channels_last = channels_last
@@ -107,47 +124,59 @@ class EpisodeSampler:
         g = generator or self.generator
         dev = g.device
         n_classes, n_images = self.split.images.shape[:2]
-        classes = torch.rand(num_tasks, n_classes, generator=g, device=dev).argsort(dim=1)[:, : self.ways]
+        # the smallest keys in ascending order: argsort(...)[:k] without sorting the rest
+        classes = torch.rand(num_tasks, n_classes, generator=g, device=dev).topk(self.ways, dim=1, largest=False).indices
         keys = torch.rand(num_tasks, self.ways, n_images, generator=g, device=dev)
         if self.split.counts is not None:
             counts = self.split.counts.to(dev)[classes]  # [tasks, ways]
             keys = keys.masked_fill(torch.arange(n_images, device=dev) >= counts[..., None], 2.0)
-        images = keys.argsort(dim=-1)[..., : self.shots + self.queries]
+        images = keys.topk(self.shots + self.queries, dim=-1, largest=False).indices
         return EpisodeIndices(classes, images)
 
     def gather(self, idx: EpisodeIndices) -> Episode:
-        idx = EpisodeIndices(idx.classes.to(self.device), idx.images.to(self.device))
-        t, w, k = idx.images.shape
-        x = self.split.images[idx.classes[..., None], idx.images]  # uint8 [t, w, k, C, H, W]
-        x = self.to_float(x.reshape(t * w * k, *x.shape[3:]), self.transform).view(t, w, k, *x.shape[3:])
+        """One gather of every support image, then every query image, so both sets are views of one tensor."""
+        classes, images = idx.classes.to(self.device), idx.images.to(self.device)
+        t, w, _ = images.shape
         s, q = self.shots, self.queries
+        flat = classes[..., None] * self.split.images.shape[1] + images  # [t, w, s + q] into [classes * n] images
+        pool = self.split.images.flatten(0, 1)
+        x = pool.index_select(0, torch.cat([flat[..., :s].flatten(), flat[..., s:].flatten()]))  # whole-image copies
+        x = self.to_float(x, self.transform)  # [t*w*s + t*w*q, C, H, W]
         labels = torch.arange(w, device=self.device)
-        support_x = x[:, :, :s].reshape(t, w * s, *x.shape[3:])
-        query_x = x[:, :, s:].reshape(t, w * q, *x.shape[3:])
-        return Episode(
-            support_x,
+        episode = Episode(
+            x[: t * w * s].view(t, w * s, *x.shape[1:]),
             labels.repeat_interleave(s).expand(t, -1),
-            query_x,
+            x[t * w * s :].view(t, w * q, *x.shape[1:]),
             labels.repeat_interleave(q).expand(t, -1),
             w,
         )
+        return episode if self.output_device == self.device else episode.to(self.output_device)
 
     def to_float(self, x: torch.Tensor, transform=None) -> torch.Tensor:
-        x = x.float().div_(255.0)
-        if transform is not None:
-            x = transform(x, self.generator)
-        x = (x - self.mean) * self.inv_std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+        """uint8 images -> normalised floats (after ``transform`` on [0, 1] images), channels_last when asked for."""
+        channels_last = self.channels_last and x.dim() == 4
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # on the bytes; the float ops keep the layout
+        if transform is None:
+            x = x.float().mul_(self.scale).add_(self.shift)
+        else:
+            x = transform(x.float().div_(255.0), self.generator).sub_(self.mean).mul_(self.inv_std)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x  # (a transform may not keep it)
 
     # -- what the algorithms ask for --------------------------------------------
     def sample(self, num_tasks: int, shard: tuple[int, int] = (0, 1)) -> Episode:
-        """``num_tasks`` episodes; with ``shard=(rank, world)`` only this rank's contiguous slice of them."""
+        """``num_tasks`` episodes; with ``shard=(rank, world)`` only this rank's contiguous slice of them.
+
+        Augmentation draws its random numbers image by image, so with a
+        ``transform`` every rank augments the whole meta-batch and keeps its
+        slice: N processes then see exactly the images one process would.
+        """
         idx = self.sample_indices(num_tasks)
         rank, world = shard
-        if world > 1:
-            per = num_tasks // world
-            idx = idx[rank * per : (rank + 1) * per]
-        return self.gather(idx)
+        if world == 1:
+            return self.gather(idx)
+        mine = slice(rank * (num_tasks // world), (rank + 1) * (num_tasks // world))
+        return self.gather(idx).select(mine) if self.transform is not None else self.gather(idx[mine])
 
     def sample_images(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> Batch:
         """Uniformly drawn images with their class index, for pre-training on all training classes."""
@@ -157,10 +186,13 @@ class EpisodeSampler:
         limit = self.split.counts[classes] if self.split.counts is not None else n_images
         images = (torch.rand(batch_size, generator=g, device=self.device) * limit).long()
         rank, world = shard
-        if world > 1:
-            per = batch_size // world
-            classes, images = classes[rank * per : (rank + 1) * per], images[rank * per : (rank + 1) * per]
-        return Batch(self.to_float(self.split.images[classes, images], self.transform), classes)
+        mine = slice(rank * (batch_size // world), (rank + 1) * (batch_size // world))
+        if self.transform is None:  # (with one, every rank augments the whole batch, as in sample)
+            classes, images = classes[mine], images[mine]
+        x = self.to_float(self.split.images[classes, images], self.transform)
+        if self.transform is not None:
+            x, classes = x[mine], classes[mine]
+        return Batch(x.to(self.output_device, non_blocking=True), classes.to(self.output_device, non_blocking=True))
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

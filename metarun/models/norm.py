@@ -47,19 +47,18 @@ class EpisodeBatchNorm(nn.modules.batchnorm._BatchNorm):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         update = self.training and self.track_running_stats
         momentum = self.momentum if self.momentum is not None else 0.1
+        rm, rv = (self.running_mean, self.running_var) if update else (None, None)
         if self.stats_mode == "batch" and self.tasks == 1:
-            rm, rv = (self.running_mean, self.running_var) if update else (None, None)
             return F.batch_norm(x, rm, rv, self.weight, self.bias, True, momentum, self.eps)
+        if self.stats_mode == "batch":
+            # tasks as instances, each task's images as a spatial dim: native kernels, per-task statistics
+            xt = x.view(self.tasks, -1, *x.shape[1:]).transpose(1, 2)
+            y = F.instance_norm(xt, rm, rv, self.weight, self.bias, True, momentum, self.eps)
+            return y.transpose(1, 2).reshape(x.shape)
+        # support: each task normalised by the statistics of its first support_size samples
         xg = x.view(self.tasks, -1, *x.shape[1:])
-        ref = xg[:, : self.support_size] if self.stats_mode == "support" else xg
         dims = [1, *range(3, xg.dim())]
-        mean = ref.mean(dims, keepdim=True)
-        var = ref.var(dims, unbiased=False, keepdim=True)
-        if update and self.stats_mode == "batch":
-            with torch.no_grad():
-                n = ref.numel() // (ref.shape[0] * ref.shape[2])
-                self.running_mean.lerp_(mean.mean(0).flatten(), momentum)
-                self.running_var.lerp_(var.mean(0).flatten() * n / max(n - 1, 1), momentum)
+        var, mean = torch.var_mean(xg[:, : self.support_size], dims, correction=0, keepdim=True)
         shape = [1, 1, -1] + [1] * (xg.dim() - 3)
         y = (xg - mean) * torch.rsqrt(var + self.eps)
         if self.affine:

@@ -1,0 +1,245 @@
+"""The functional machinery of the gradient-based meta-learners (MAML, FOMAML, Meta-SGD, ANIL, Reptile).
+
+One place holds what those algorithms share:
+
+* :func:`inner_loop` - gradient steps (SGD or Adam) on one task, written for a
+  single task with ``torch.func.grad`` so that it can be differentiated
+  through (second order), cut (first order), or just run (evaluation);
+* :func:`map_tasks` - applies a per-task function to every task of a batch,
+  either as one batched computation (``torch.func.vmap``, optionally in
+  chunks) or as a Python loop over tasks calling *the same* function;
+* :class:`FunctionalLearner` - backbone + head called functionally with
+  explicit parameters, the batch-norm statistics rule of a forward pass, and
+  per-task copies of the running statistics that are averaged back into the
+  model after the batched call.
+
+Why per-task meta-gradients are taken *inside* the batched computation:
+autograd's ``backward()`` (or ``torch.func.grad``) run *through*
+``vmap(task_loss)`` gives wrong second-order gradients for normalisation
+layers with affine parameters (pytorch/functorch#534; errors of ~0.25
+measured here). The algorithms therefore compute ``vmap(grad(task_meta_loss))``,
+average the per-task gradients and hand the trainer
+:func:`metarun.algorithms.base.surrogate_loss`, whose gradient is that average.
+
+Execution strategy (``algo.strategy``): ``vmap`` turns per-task weights into
+grouped convolutions, which win for small tasks and lose for large ones on a
+CPU. ``auto`` picks per call from the number of images a task forwards (see
+:func:`auto_strategy` for the measurement); ``loop`` and ``vmap`` force one.
+Both paths run the identical per-task function, so they agree to rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_map
+
+from metarun.algorithms.base import Algorithm, accuracy
+from metarun.errors import ConfigError
+from metarun.models.norm import BN_MODES, norm_statistics
+
+Params = dict[str, Any]  # possibly nested dicts of tensors (a pytree)
+
+STRATEGIES = ("auto", "vmap", "loop")
+INNER_OPTIMIZERS = ("sgd", "adam")
+TASK_KINDS = ("classification", "regression")
+
+#: ``algo.strategy=auto`` uses vmap while a task forwards at most this many
+#: images through a convolutional backbone per inner step (support + query of
+#: one task), and a loop over tasks above it. Measured on 2 CPU cores, torch
+#: 2.13, Conv4-64 on 28x28 Omniglot, 16-32 tasks (``benchmarks/maml_strategy.py``;
+#: numbers in the docstring there): vmap/loop speed ratio, second order 1 step:
+#: 10 images 1.9x, 20 images 1.3x, 40 images 1.0x, 80 images 0.7x, 100 images 0.6x;
+#: evaluation (no meta-gradient) crosses over at about the same size.
+#: Fully connected backbones (no convolutions) batch into plain matmuls and
+#: vmap is never slower, so they always use it.
+AUTO_VMAP_MAX_IMAGES = 40
+
+
+def auto_strategy(images_per_task: int, convolutional: bool) -> str:
+    if not convolutional:
+        return "vmap"
+    return "vmap" if images_per_task <= AUTO_VMAP_MAX_IMAGES else "loop"
+
+
+def map_tasks(fn: Callable, shared: tuple, batched: tuple, strategy: str, chunk_size: int | None = None):
+    """``fn(*shared, *task_i)`` for every task ``i`` of the ``batched`` pytrees (leading dim), outputs stacked.
+
+    ``vmap`` evaluates all tasks as one batched computation (``chunk_size``
+    tasks at a time when set); ``loop`` calls ``fn`` once per task and stacks.
+    """
+    if strategy == "vmap":
+        in_dims = (None,) * len(shared) + (0,) * len(batched)
+        return vmap(fn, in_dims=in_dims, chunk_size=chunk_size)(*shared, *batched)
+    if strategy != "loop":
+        raise ValueError(f"unknown strategy {strategy}")
+    leaves, _ = tree_flatten(batched)
+    tasks = leaves[0].shape[0]
+    outs = [fn(*shared, *tree_map(lambda b, i=i: b[i], batched)) for i in range(tasks)]
+    return tree_map(lambda *xs: torch.stack(xs), outs[0], *outs[1:])
+
+
+def inner_loop(
+    loss_fn: Callable[[Params, int], tuple[torch.Tensor, Any]],
+    params: Params,
+    lrs: Params | float,
+    steps: int,
+    first_order: bool,
+    optimizer: str = "sgd",
+    betas: tuple[float, float] = (0.0, 0.999),
+    eps: float = 1e-8,
+) -> tuple[Params, Any]:
+    """``steps`` gradient steps on ``loss_fn(params, step) -> (loss, aux)`` for one task.
+
+    ``lrs`` is one float or a pytree like ``params`` (Meta-SGD's learned
+    per-parameter rates). Gradients are taken with ``torch.func.grad``, so an
+    enclosing ``grad`` differentiates through the steps (second order) unless
+    ``first_order``, which detaches them (FOMAML; Reptile never differentiates).
+    ``adam`` keeps its moments per task. Returns the adapted parameters and the
+    ``aux`` of the last step (``None`` for zero steps).
+    """
+    if optimizer not in INNER_OPTIMIZERS:
+        raise ConfigError(f"inner optimizer {optimizer}: valid values are {', '.join(INNER_OPTIMIZERS)}")
+    if not isinstance(lrs, dict):
+        lrs = tree_map(lambda _: lrs, params)
+    m = v = None
+    aux = None
+    for step in range(steps):
+        g, aux = grad(loss_fn, has_aux=True)(params, step)
+        if first_order:
+            g = tree_map(torch.Tensor.detach, g)
+        if optimizer == "adam":
+            b1, b2 = betas
+            m = tree_map(lambda g_: (1 - b1) * g_, g) if m is None else tree_map(lambda m_, g_: b1 * m_ + (1 - b1) * g_, m, g)
+            v = tree_map(lambda g_: (1 - b2) * g_ * g_, g) if v is None else tree_map(lambda v_, g_: b2 * v_ + (1 - b2) * g_ * g_, v, g)
+            c1, c2 = 1 - b1 ** (step + 1), 1 - b2 ** (step + 1)
+            g = tree_map(lambda m_, v_: (m_ / c1) / ((v_ / c2).sqrt() + eps), m, v)
+        params = tree_map(lambda p, lr, g_: p - lr * g_, params, lrs, g)
+    return params, aux
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor, regression: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and score of one task's predictions: cross-entropy and accuracy, or MSE twice."""
+    if regression:
+        loss = F.mse_loss(out, y)
+        return loss, loss
+    return F.cross_entropy(out, y), accuracy(out, y)
+
+
+class FunctionalLearner(Algorithm):
+    """Backbone + linear head, called functionally, with one task per batched call.
+
+    ``task_kind`` (passed by the factory from the dataset) selects the loss:
+    ``classification`` (cross-entropy; ``score = "accuracy"``) or ``regression``
+    (MSE on a ``ways``-dimensional target; ``score = "mse"``).
+    """
+
+    default_bn_mode = "transductive"  # the MAML paper's: every set normalised by its own statistics
+    #: whether the inner loop adapts the backbone (ANIL: only the head, so its convolutions stay shared)
+    adapts_backbone = True
+
+    def __init__(self, backbone: nn.Module, ways: int, task_kind: str = "classification", strategy: str = "auto", chunk_size: int | None = None) -> None:
+        super().__init__(backbone, ways)
+        if task_kind not in TASK_KINDS:
+            raise ConfigError(f"task kind {task_kind}: valid kinds are {', '.join(TASK_KINDS)}")
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"algo.strategy={strategy}: valid strategies are {', '.join(STRATEGIES)}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ConfigError(f"algo.chunk_size={chunk_size}: must be at least 1 (or null: all tasks at once)")
+        self.head = nn.Linear(backbone.out_features, ways)
+        self.regression = task_kind == "regression"
+        if self.regression:
+            self.score = "mse"
+        self.strategy, self.chunk_size = strategy, chunk_size
+        self.convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in backbone.modules())
+
+    # -- functional state -----------------------------------------------------------
+    def model_parameters(self) -> Params:
+        """``{"backbone": {...}, "head": {...}}`` of the module's own parameters."""
+        return {"backbone": dict(self.backbone.named_parameters()), "head": dict(self.head.named_parameters())}
+
+    def meta_parameters(self) -> Params:
+        """The parameters the outer loop learns (Meta-SGD adds its learning rates)."""
+        return self.model_parameters()
+
+    def split_buffers(self) -> tuple[Params, Params]:
+        """``(stats, fixed)``: running statistics updated by a training forward, and the other buffers."""
+        stats, fixed = {}, {}
+        for name, b in self.backbone.named_buffers():
+            (stats if b.is_floating_point() and self.training else fixed)[name] = b
+        return stats, fixed
+
+    def per_task_stats(self, stats: Params, tasks: int) -> Params:
+        return {k: v.detach().expand(tasks, *v.shape).clone() for k, v in stats.items()}
+
+    @torch.no_grad()
+    def write_back_stats(self, stats: Params, updated: Params) -> None:
+        """The average over tasks of the per-task running statistics (the mean of per-task updates)."""
+        for k, v in updated.items():
+            stats[k].copy_(v.mean(0))
+
+    def strategy_for(self, images_per_task: int) -> str:
+        """``auto``: the measured rule of :func:`auto_strategy`; convolutions whose weights are shared by all
+        tasks (ANIL's backbone) batch into one ordinary convolution, so they count as fully connected."""
+        if self.strategy != "auto":
+            return self.strategy
+        return auto_strategy(images_per_task, self.convolutional and self.adapts_backbone)
+
+    # -- forward passes of one task -----------------------------------------------------
+    def body(self, params: Params, buffers: Params, x: torch.Tensor, mode: str, support_size: int = 0) -> torch.Tensor:
+        with norm_statistics(self.backbone, mode, support_size=support_size):
+            return functional_call(self.backbone, (params["backbone"], buffers), (x,))
+
+    def head_forward(self, params: Params, z: torch.Tensor) -> torch.Tensor:
+        return F.linear(z, params["head"]["weight"], params["head"]["bias"])
+
+    def predict(self, params: Params, buffers: Params, x: torch.Tensor, mode: str) -> torch.Tensor:
+        return self.head_forward(params, self.body(params, buffers, x, mode))
+
+    def embed_query(self, params: Params, buffers: Params, xs: torch.Tensor, xq: torch.Tensor, bn_mode: str) -> torch.Tensor:
+        """Query features under an ``eval.bn_mode``; ``support`` forwards the support set in front for its statistics."""
+        if bn_mode == "support":
+            ns = xs.shape[0]
+            return self.body(params, buffers, torch.cat([xs, xq]), "support", support_size=ns)[ns:]
+        return self.body(params, buffers, xq, BN_MODES[bn_mode])
+
+    def embed(self, params: Params, buffers: Params, xs: torch.Tensor, xq: torch.Tensor, bn_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Support and query features under an ``eval.bn_mode`` (support statistics for the support set itself)."""
+        if bn_mode == "transductive":
+            return self.body(params, buffers, xs, "batch"), self.body(params, buffers, xq, "batch")
+        ns = xs.shape[0]
+        z = self.body(params, buffers, torch.cat([xs, xq]), BN_MODES[bn_mode], support_size=ns)
+        return z[:ns], z[ns:]
+
+    @staticmethod
+    def inner_mode(bn_mode: str) -> str:
+        """Statistics while adapting on the support set: its own, unless evaluating with running statistics."""
+        return "running" if bn_mode == "running" else "batch"
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return task_loss(out, y, self.regression)
+
+    # -- the batched call every algorithm goes through -----------------------------------
+    def run_tasks(self, fn: Callable, shared: tuple, batched: tuple, images_per_task: int):
+        """``fn(*shared, stats, fixed, *task)`` for every task; running statistics are updated per task and averaged."""
+        stats, fixed = self.split_buffers()
+        tasks = tree_flatten(batched)[0][0].shape[0]
+        per_task = self.per_task_stats(stats, tasks)
+        out, updated = map_tasks(
+            fn, (*shared, fixed), (per_task, *batched), self.strategy_for(images_per_task), self.chunk_size
+        )
+        if stats:
+            self.write_back_stats(stats, updated)
+        return out
+
+    def detached(self, params: Params) -> Params:
+        return tree_map(torch.Tensor.detach, params)
+
+
+def check_bn_mode(bn_mode: str) -> None:
+    if bn_mode not in BN_MODES:
+        raise ConfigError(f"eval.bn_mode={bn_mode}: valid modes are {', '.join(BN_MODES)}")

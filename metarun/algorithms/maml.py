@@ -1,0 +1,121 @@
+"""Model-agnostic meta-learning (Finn et al. 2017), second order by default.
+
+Each task adapts a copy of the weights with ``inner_steps`` gradient steps on
+its support set; the meta-loss is the adapted model's loss on the query set,
+differentiated through the adaptation (``first_order=true``: FOMAML, which
+treats the inner gradients as constants). The inner loop of all tasks of a
+meta-batch runs as one batched computation: the per-task meta-gradient is
+taken inside ``vmap`` (``vmap(grad(task_meta_loss))``), the gradients are
+averaged, and :meth:`training_loss` returns a surrogate whose gradient is that
+average (see :mod:`metarun.algorithms.functional` for why, and for the
+``strategy`` that replaces vmap by a loop over tasks where a loop is faster).
+
+Regression datasets (``task_kind=regression``, e.g. ``dataset=sinusoid``)
+use an MSE loss and ``score = "mse"``; the head then has ``ways`` outputs
+(1 for the sinusoid).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from metarun.algorithms.base import surrogate_loss
+from metarun.algorithms.functional import FunctionalLearner, Params, check_bn_mode, inner_loop
+from metarun.data.episodes import Episode
+from metarun.errors import ConfigError
+
+
+class MAML(FunctionalLearner):
+    default_bn_mode = "transductive"  # the paper's: query batches normalised by their own statistics
+    #: the inner loop's update rule (Reptile may use Adam)
+    inner_optimizer = "sgd"
+
+    def __init__(
+        self,
+        backbone,
+        ways: int,
+        inner_lr: float = 0.4,
+        inner_steps: int = 1,
+        inner_steps_eval: int = 3,
+        first_order: bool = False,
+        task_kind: str = "classification",
+        strategy: str = "auto",
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(backbone, ways, task_kind, strategy, chunk_size)
+        if inner_steps < 0 or inner_steps_eval < 0:
+            raise ConfigError(f"algo.inner_steps={inner_steps}, algo.inner_steps_eval={inner_steps_eval}: must be >= 0")
+        self.inner_lr, self.inner_steps, self.inner_steps_eval = inner_lr, inner_steps, inner_steps_eval
+        self.first_order = first_order
+
+    # -- what differs between MAML, ANIL and Meta-SGD ------------------------------------
+    def inner_lrs(self, meta_params: Params) -> Params | float:
+        """The inner learning rate(s) for the adapted parameters (Meta-SGD: learned, per parameter)."""
+        return self.inner_lr
+
+    # -- one task ------------------------------------------------------------------------
+    def solve(self, meta_params: Params, buffers: Params, xs, ys, xq, steps: int, bn_mode: str, first_order: bool) -> torch.Tensor:
+        """Adapts to ``(xs, ys)`` with ``steps`` inner steps and predicts ``xq`` (one task, unbatched)."""
+        lrs = self.inner_lrs(meta_params)
+        model = {"backbone": meta_params["backbone"], "head": meta_params["head"]}
+        inner = self.inner_mode(bn_mode)
+        if self.adapts_backbone:
+
+            def support_loss(p, step):
+                loss = self.loss(self.predict(p, buffers, xs, inner), ys)[0]
+                return loss, loss.detach()
+
+            fast, _ = inner_loop(support_loss, model, lrs, steps, first_order, self.inner_optimizer)
+            return self.head_forward(fast, self.embed_query(fast, buffers, xs, xq, bn_mode))
+        # ANIL: the backbone is fixed within the task, so its features are computed once
+        zs, zq = self.embed(model, buffers, xs, xq, bn_mode)
+
+        def head_loss(h, step):
+            loss = self.loss(self.head_forward({"head": h}, zs), ys)[0]
+            return loss, loss.detach()
+
+        head, _ = inner_loop(head_loss, model["head"], lrs, steps, first_order, self.inner_optimizer)
+        return self.head_forward({"head": head}, zq)
+
+    def task_meta_gradient(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, yq):
+        """Per-task meta-gradient, loss and score; ``stats`` are this task's running statistics (updated in place)."""
+        buffers = {**fixed, **stats}
+
+        def meta_loss(mp):
+            out = self.solve(mp, buffers, xs, ys, xq, self.inner_steps, "transductive", self.first_order)
+            loss, score = self.loss(out, yq)
+            return loss, (loss.detach(), score.detach())
+
+        grads, (loss, score) = torch.func.grad(meta_loss, has_aux=True)(meta_params)
+        return (grads, loss, score), stats
+
+    # -- the Algorithm interface ---------------------------------------------------------------
+    def training_loss(self, batch: Episode):
+        params = self.meta_parameters()
+        images = batch.support_x.shape[1] + batch.query_x.shape[1]
+        grads, loss, score = self.run_tasks(
+            self.task_meta_gradient, (self.detached(params),), (batch.support_x, batch.support_y, batch.query_x, batch.query_y), images
+        )
+        mean_grads = tree_map(lambda g: g.mean(0), grads)
+        surrogate = surrogate_loss(tree_flatten(params)[0], tree_flatten(mean_grads)[0])
+        return surrogate, {"loss": loss.mean().detach(), self.metric_name: score.mean().detach()}
+
+    @property
+    def metric_name(self) -> str:
+        return "mse" if self.regression else "acc"
+
+    def task_score(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, yq, bn_mode: str):
+        out = self.solve(meta_params, {**fixed, **stats}, xs, ys, xq, self.inner_steps_eval, bn_mode, True)
+        return self.loss(out, yq)[1], stats
+
+    def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+        check_bn_mode(bn_mode)
+        params = self.detached(self.meta_parameters())
+        images = episode.support_x.shape[1] + episode.query_x.shape[1]
+
+        def fn(mp, fixed, stats, xs, ys, xq, yq):
+            return self.task_score(mp, fixed, stats, xs, ys, xq, yq, bn_mode)
+
+        with torch.no_grad():
+            return self.run_tasks(fn, (params,), (episode.support_x, episode.support_y, episode.query_x, episode.query_y), images)

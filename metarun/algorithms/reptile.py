@@ -1,0 +1,93 @@
+"""Reptile (Nichol et al. 2018): move the initialisation toward the weights each task adapts to.
+
+Each task of a meta-batch starts from the meta-initialisation ``θ`` and takes
+``inner_steps`` SGD or Adam steps (``inner_optimizer``; Adam with β₁ = 0, as in
+the paper) on its training samples, support and query together (the paper's
+"train shots" are ``task.shots + task.queries``), in mini-batches of
+``inner_batch`` samples cycling through one random permutation (null: all of
+them every step). The meta-gradient is ``θ − mean_tasks(φ)``; the trainer's
+optimiser applies it, so with ``trainer.optimizer=sgd`` and ``trainer.lr=ε`` the
+update is the paper's ``θ ← θ + ε (mean φ − θ)`` and ``trainer.schedule=linear``
+anneals ε to zero. No gradient flows through the inner loop.
+
+The adaptation of all tasks is one batched computation (``vmap``, or the loop
+chosen by ``strategy``; see :mod:`metarun.algorithms.functional`). Evaluation
+adapts from ``θ`` on each support set with ``inner_steps_eval`` full-batch
+steps of the same optimiser, exactly like MAML's evaluation.
+
+The reported ``loss``/``acc`` are those of the last inner mini-batch, before
+its step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from metarun.algorithms.base import surrogate_loss
+from metarun.algorithms.functional import INNER_OPTIMIZERS, Params, inner_loop
+from metarun.algorithms.maml import MAML
+from metarun.data.episodes import Episode
+from metarun.errors import ConfigError
+
+
+class Reptile(MAML):
+    default_bn_mode = "transductive"  # the paper's headline numbers are transductive
+
+    def __init__(
+        self,
+        backbone,
+        ways: int,
+        inner_lr: float = 1e-3,
+        inner_steps: int = 5,
+        inner_steps_eval: int = 50,
+        inner_optimizer: str = "adam",
+        inner_batch: int | None = None,
+        task_kind: str = "classification",
+        strategy: str = "auto",
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            backbone, ways, inner_lr=inner_lr, inner_steps=inner_steps, inner_steps_eval=inner_steps_eval,
+            first_order=True, task_kind=task_kind, strategy=strategy, chunk_size=chunk_size,
+        )  # fmt: skip
+        if inner_optimizer not in INNER_OPTIMIZERS:
+            raise ConfigError(f"algo.inner_optimizer={inner_optimizer}: valid values are {', '.join(INNER_OPTIMIZERS)}")
+        if inner_steps < 1:
+            raise ConfigError(f"algo.inner_steps={inner_steps}: Reptile needs at least one inner step")
+        if inner_batch is not None and inner_batch < 1:
+            raise ConfigError(f"algo.inner_batch={inner_batch}: must be at least 1 (or null: every sample each step)")
+        self.inner_optimizer, self.inner_batch = inner_optimizer, inner_batch
+
+    def minibatches(self, n: int, device: torch.device) -> torch.Tensor:
+        """``[inner_steps, b]`` sample indices: consecutive slices of a random permutation, cycled (shared by all tasks)."""
+        b = n if self.inner_batch is None else min(self.inner_batch, n)
+        perm = torch.randperm(n, device=device)
+        reps = -(-self.inner_steps * b // n)
+        return perm.repeat(reps)[: self.inner_steps * b].view(self.inner_steps, b)
+
+    def task_update(self, params: Params, fixed: Params, order: torch.Tensor, stats: Params, x, y):
+        """``θ − φ`` for one task, with the loss and score of its last inner mini-batch."""
+        buffers = {**fixed, **stats}
+
+        def batch_loss(p, step):
+            idx = order[step]
+            loss, score = self.loss(self.predict(p, buffers, x[idx], "batch"), y[idx])
+            return loss, (loss.detach(), score.detach())
+
+        fast, (loss, score) = inner_loop(batch_loss, params, self.inner_lr, self.inner_steps, True, self.inner_optimizer)
+        return (tree_map(torch.sub, params, fast), loss, score), stats
+
+    def training_loss(self, batch: Episode):
+        params = self.meta_parameters()
+        x = torch.cat([batch.support_x, batch.query_x], 1)
+        y = torch.cat([batch.support_y, batch.query_y], 1)
+        order = self.minibatches(x.shape[1], x.device)
+
+        def fn(p, order, fixed, stats, x, y):
+            return self.task_update(p, fixed, order, stats, x, y)
+
+        deltas, loss, score = self.run_tasks(fn, (self.detached(params), order), (x, y), order.shape[1])
+        mean = tree_map(lambda d: d.mean(0), deltas)
+        surrogate = surrogate_loss(tree_flatten(params)[0], tree_flatten(mean)[0])
+        return surrogate, {"loss": loss.mean().detach(), self.metric_name: score.mean().detach()}

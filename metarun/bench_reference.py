@@ -1,0 +1,284 @@
+"""The plain implementations ``metarun bench`` measures the package against.
+
+Each is written the way few-shot code is commonly written, one task or one
+episode at a time, so that the benchmark's ratios answer "how much faster than
+the obvious code is this package": a ``torch.utils.data`` dataset served one
+image per ``__getitem__`` through an episode batch sampler and a
+``DataLoader``; per-task MAML in learn2learn's idiom (fast weights from
+``torch.autograd.grad(create_graph=not first_order)``, the query loss
+back-propagated per task and accumulated); per-task Reptile with a copied model
+and its own optimiser; eager fp32 ProtoNet and pre-training steps; evaluation
+loops that score one episode at a time. None of them shares code with the
+algorithms it is compared to, so a speed-up cannot come from a shortcut both
+take. They compute the same quantities as the package (the tests check the
+gradients), on their own copy of the model, in fp32 and contiguous memory.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, Dataset
+
+from metarun.data.episodes import Episode
+from metarun.data.split import Split
+
+
+# -- data: the DataLoader way -------------------------------------------------------------
+class ImageDataset(Dataset):
+    """One normalised image and its class per ``__getitem__``, as torchvision-style datasets serve them."""
+
+    def __init__(self, split: Split, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.images = split.images
+        self.per_class = split.images.shape[1]
+        c = split.images.shape[2]
+        self.mean = torch.tensor(mean).view(c, 1, 1)
+        self.std = torch.tensor(std).view(c, 1, 1)
+
+    def __len__(self) -> int:
+        return self.images.shape[0] * self.per_class
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        cls, i = divmod(index, self.per_class)
+        return (self.images[cls, i].float() / 255.0 - self.mean) / self.std, cls
+
+
+class EpisodeBatchSampler:
+    """Yields the dataset indices of one episode at a time: ``ways`` random classes, ``shots + queries`` images each."""
+
+    def __init__(self, num_classes: int, per_class: int, ways: int, shots: int, queries: int, episodes: int, seed: int) -> None:
+        self.num_classes, self.per_class = num_classes, per_class
+        self.ways, self.k, self.episodes = ways, shots + queries, episodes
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.episodes
+
+    def __iter__(self):
+        for _ in range(self.episodes):
+            classes = torch.randperm(self.num_classes, generator=self.generator)[: self.ways]
+            yield [int(c) * self.per_class + int(i) for c in classes for i in torch.randperm(self.per_class, generator=self.generator)[: self.k]]
+
+
+def collate_episode(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([x for x, _ in items]), torch.tensor([c for _, c in items])
+
+
+class DataLoaderEpisodes:
+    """Meta-batches of episodes from a ``DataLoader``, split into support and query with labels ``0..ways-1``."""
+
+    def __init__(self, split: Split, mean, std, ways: int, shots: int, queries: int, seed: int = 0, workers: int = 0) -> None:
+        self.ways, self.shots, self.queries = ways, shots, queries
+        sampler = EpisodeBatchSampler(split.images.shape[0], split.images.shape[1], ways, shots, queries, 10**9, seed)
+        loader = DataLoader(ImageDataset(split, mean, std), batch_sampler=sampler, collate_fn=collate_episode, num_workers=workers, persistent_workers=workers > 0)
+        self.iterator = iter(loader)
+
+    def episode(self) -> Episode:
+        x, _ = next(self.iterator)
+        w, s, q = self.ways, self.shots, self.queries
+        x = x.view(w, s + q, *x.shape[1:])
+        labels = torch.arange(w)
+        return Episode(
+            x[:, :s].reshape(1, w * s, *x.shape[2:]),
+            labels.repeat_interleave(s)[None],
+            x[:, s:].reshape(1, w * q, *x.shape[2:]),
+            labels.repeat_interleave(q)[None],
+            w,
+        )
+
+    def sample(self, num_tasks: int) -> list[Episode]:
+        return [self.episode() for _ in range(num_tasks)]
+
+
+# -- models the references train ----------------------------------------------------------
+class Classifier(nn.Module):
+    """Backbone + linear head: the network of the MAML family, as an ordinary module."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """An fp32, contiguous copy (the reference never sees channels_last or reduced precision)."""
+    out = copy.deepcopy(module).float()
+    for p in out.parameters():
+        p.data = p.data.contiguous()
+    return out
+
+
+def task(episode: Episode, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return episode.support_x[t].contiguous(), episode.support_y[t], episode.query_x[t].contiguous(), episode.query_y[t]
+
+
+# -- ProtoNet -------------------------------------------------------------------------------
+class ProtoNetReference:
+    """Eager fp32 ProtoNet, one task at a time: each task's loss back-propagated on its own, gradients accumulated."""
+
+    def __init__(self, algorithm, lr: float) -> None:
+        self.backbone = plain_copy(algorithm.backbone)
+        self.optimizer = torch.optim.Adam(self.backbone.parameters(), lr=lr)
+
+    def logits(self, xs, ys, xq, ways: int) -> torch.Tensor:
+        ns = xs.shape[0]
+        z = self.backbone(torch.cat([xs, xq]))
+        protos = torch.stack([z[:ns][ys == c].mean(0) for c in range(ways)])
+        return -((z[ns:, None, :] - protos[None]) ** 2).sum(-1)
+
+    def step(self, episode: Episode) -> None:
+        self.backbone.train()
+        self.optimizer.zero_grad()
+        for t in range(episode.num_tasks):
+            xs, ys, xq, yq = task(episode, t)
+            loss = F.cross_entropy(self.logits(xs, ys, xq, episode.ways), yq)
+            (loss / episode.num_tasks).backward()
+        self.optimizer.step()
+
+    def score(self, episode: Episode) -> float:
+        """Accuracy of one episode with the model in eval mode (running statistics, ProtoNet's default)."""
+        self.backbone.eval()
+        with torch.no_grad():
+            xs, ys, xq, yq = task(episode, 0)
+            return (self.logits(xs, ys, xq, episode.ways).argmax(-1) == yq).float().mean().item()
+
+
+# -- the MAML family ----------------------------------------------------------------------------
+class MAMLReference:
+    """Per-task MAML / FOMAML / ANIL / Meta-SGD on a plain copy of ``algorithm``'s network.
+
+    Fast weights are a dict of tensors fed to ``functional_call``; ANIL
+    computes each task's features once and adapts the head only, as in
+    learn2learn's ANIL example. Meta-SGD's learned rates are copied too and
+    learned alongside.
+    """
+
+    def __init__(self, algorithm, lr: float) -> None:
+        self.model = Classifier(plain_copy(algorithm.backbone), plain_copy(algorithm.head))
+        self.inner_lr, self.first_order = algorithm.inner_lr, algorithm.first_order
+        self.inner_steps, self.inner_steps_eval = algorithm.inner_steps, algorithm.inner_steps_eval
+        self.head_only = not algorithm.adapts_backbone
+        names = [n for n, _ in self.model.named_parameters()]
+        self.lrs = None
+        if hasattr(algorithm, "lrs"):  # Meta-SGD: one rate per weight, in the order of backbone then head
+            self.lrs = {n: nn.Parameter(r.detach().float().clone()) for n, r in zip(names, algorithm.lrs, strict=True)}
+        meta = list(self.model.parameters()) + list((self.lrs or {}).values())
+        self.optimizer = torch.optim.Adam(meta, lr=lr)
+
+    def adapt(self, params: dict, xs, ys, steps: int, create_graph: bool) -> dict:
+        """The fast weights after ``steps`` inner SGD steps on ``(xs, ys)``."""
+        fast = dict(params)
+        if self.head_only:
+            feats = functional_call(self.model.backbone, {k[9:]: v for k, v in params.items() if k.startswith("backbone.")}, (xs,))
+        for _ in range(steps):
+            if self.head_only:
+                out = F.linear(feats, fast["head.weight"], fast["head.bias"])
+            else:
+                out = functional_call(self.model, fast, (xs,))
+            names = ["head.weight", "head.bias"] if self.head_only else list(fast)
+            grads = torch.autograd.grad(F.cross_entropy(out, ys), [fast[n] for n in names], create_graph=create_graph)
+            for n, g in zip(names, grads, strict=True):
+                lr = self.lrs[n] if self.lrs is not None else self.inner_lr
+                fast[n] = fast[n] - lr * g
+        return fast
+
+    def step(self, episode: Episode) -> None:
+        self.model.train()
+        self.optimizer.zero_grad()
+        params = dict(self.model.named_parameters())
+        for t in range(episode.num_tasks):
+            xs, ys, xq, yq = task(episode, t)
+            # first order: the inner gradients are constants, so the query gradient reaches the initial weights unchanged
+            fast = self.adapt(params, xs, ys, self.inner_steps, create_graph=not self.first_order)
+            (F.cross_entropy(functional_call(self.model, fast, (xq,)), yq) / episode.num_tasks).backward()
+        self.optimizer.step()
+
+    def score(self, episode: Episode) -> float:
+        """Accuracy of one episode after ``inner_steps_eval`` steps (batch statistics for support and query)."""
+        self.model.train()
+        xs, ys, xq, yq = task(episode, 0)
+        params = {n: p.detach().requires_grad_() for n, p in self.model.named_parameters()}
+        fast = self.adapt(params, xs, ys, self.inner_steps_eval, create_graph=False)
+        with torch.no_grad():
+            return (functional_call(self.model, fast, (xq,)).argmax(-1) == yq).float().mean().item()
+
+
+class ReptileReference:
+    """Per-task Reptile: a copy of the model per task, trained by its own Adam (β₁ = 0) or SGD."""
+
+    def __init__(self, algorithm, lr: float) -> None:
+        self.model = Classifier(plain_copy(algorithm.backbone), plain_copy(algorithm.head))
+        self.algorithm = algorithm
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr)
+
+    def inner_optimizer(self, params) -> torch.optim.Optimizer:
+        a = self.algorithm
+        if a.inner_optimizer == "adam":
+            return torch.optim.Adam(params, lr=a.inner_lr, betas=(0.0, 0.999))
+        return torch.optim.SGD(params, lr=a.inner_lr)
+
+    def adapt(self, x, y, steps: int, batch: int | None) -> nn.Module:
+        learner = copy.deepcopy(self.model)
+        opt = self.inner_optimizer(learner.parameters())
+        order = torch.randperm(x.shape[0]).repeat(steps)
+        b = x.shape[0] if batch is None else min(batch, x.shape[0])
+        for s in range(steps):
+            idx = order[s * b : (s + 1) * b]
+            opt.zero_grad()
+            F.cross_entropy(learner(x[idx]), y[idx]).backward()
+            opt.step()
+        return learner
+
+    def step(self, episode: Episode) -> None:
+        self.model.train()
+        self.optimizer.zero_grad()
+        for t in range(episode.num_tasks):
+            xs, ys, xq, yq = task(episode, t)
+            learner = self.adapt(torch.cat([xs, xq]), torch.cat([ys, yq]), self.algorithm.inner_steps, self.algorithm.inner_batch)
+            for p, q in zip(self.model.parameters(), learner.parameters(), strict=True):
+                delta = (p.detach() - q.detach()) / episode.num_tasks
+                p.grad = delta if p.grad is None else p.grad + delta
+        self.optimizer.step()
+
+    def score(self, episode: Episode) -> float:
+        self.model.train()
+        xs, ys, xq, yq = task(episode, 0)
+        learner = self.adapt(xs, ys, self.algorithm.inner_steps_eval, None)
+        with torch.no_grad():
+            return (learner(xq).argmax(-1) == yq).float().mean().item()
+
+
+# -- the transfer baseline ------------------------------------------------------------------------
+class FinetuneReference:
+    """Eager fp32 pre-training steps; at test time a new linear head fitted per episode with Adam."""
+
+    def __init__(self, algorithm, lr: float) -> None:
+        self.backbone, self.classifier = plain_copy(algorithm.backbone), plain_copy(algorithm.classifier)
+        self.steps, self.lr = algorithm.finetune_steps, algorithm.finetune_lr
+        self.optimizer = torch.optim.Adam([*self.backbone.parameters(), *self.classifier.parameters()], lr=lr)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.backbone.train()
+        self.optimizer.zero_grad()
+        F.cross_entropy(self.classifier(self.backbone(x.contiguous())), y).backward()
+        self.optimizer.step()
+
+    def score(self, episode: Episode) -> float:
+        self.backbone.eval()
+        xs, ys, xq, yq = task(episode, 0)
+        with torch.no_grad():
+            zs, zq = self.backbone(xs), self.backbone(xq)
+        head = nn.Linear(zs.shape[1], episode.ways)
+        opt = torch.optim.Adam(head.parameters(), lr=self.lr)
+        for _ in range(self.steps):
+            opt.zero_grad()
+            F.cross_entropy(head(zs), ys).backward()
+            opt.step()
+        with torch.no_grad():
+            return (head(zq).argmax(-1) == yq).float().mean().item()

@@ -1,0 +1,125 @@
+"""Reptile's meta-update against closed forms on a linear least-squares problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metarun.algorithms.reptile import Reptile
+from metarun.data.episodes import Episode
+from metarun.errors import ConfigError
+from metarun.models.mlp import MLP
+from tests.algorithms.reference import tiny_backbone, tiny_tasks
+
+
+def linear_reptile(**kwargs) -> Reptile:
+    """``y ≈ w·x + b``: an MLP with no hidden layer is a flatten, the head is the linear model."""
+    torch.manual_seed(0)
+    return Reptile(MLP((3,), hidden=()), 1, task_kind="regression", **kwargs).double()
+
+
+def regression_tasks(tasks=3, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tasks, 2 * n, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(tasks, 2 * n, 1, generator=g, dtype=torch.float64)
+    return Episode(x[:, :n], y[:, :n], x[:, n:], y[:, n:], 1)
+
+
+def theta(algo) -> torch.Tensor:
+    return torch.cat([algo.head.weight.detach().flatten(), algo.head.bias.detach()])
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_sgd_meta_gradient_is_the_closed_form(strategy):
+    """k full-batch SGD steps on ``mean((A θ − y)²)`` from θ₀: ``φ = θ* + (I − 2η/n AᵀA)^k (θ₀ − θ*)``."""
+    k, lr = 4, 0.05
+    algo = linear_reptile(inner_lr=lr, inner_steps=k, inner_optimizer="sgd", strategy=strategy)
+    ep = regression_tasks()
+    theta0 = theta(algo)
+    phis = []
+    for t in range(ep.num_tasks):
+        x = torch.cat([ep.support_x[t], ep.query_x[t]])  # Reptile trains on support and query
+        y = torch.cat([ep.support_y[t], ep.query_y[t]]).squeeze(1)
+        a = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        star = torch.linalg.lstsq(a, y).solution
+        m = torch.eye(4, dtype=x.dtype) - 2 * lr / len(x) * a.T @ a
+        phis.append(star + torch.linalg.matrix_power(m, k) @ (theta0 - star))
+    expected = theta0 - torch.stack(phis).mean(0)
+
+    loss, metrics = algo.training_loss(ep)
+    gw, gb = torch.autograd.grad(loss, [algo.head.weight, algo.head.bias])
+    assert torch.allclose(torch.cat([gw.flatten(), gb]), expected, atol=1e-12)
+    assert set(metrics) == {"loss", "mse"}
+
+
+def test_an_sgd_outer_step_of_one_moves_the_initialisation_to_the_mean_adapted_weights():
+    algo = linear_reptile(inner_lr=0.05, inner_steps=3, inner_optimizer="sgd")
+    ep = regression_tasks()
+    theta0 = theta(algo)
+    loss, _ = algo.training_loss(ep)
+    delta = torch.cat([g.flatten() for g in torch.autograd.grad(loss, [algo.head.weight, algo.head.bias])])
+    opt = torch.optim.SGD(algo.parameters(), lr=1.0)
+    opt.zero_grad()
+    algo.training_loss(ep)[0].backward()
+    opt.step()
+    assert torch.allclose(theta(algo), theta0 - delta)  # θ + 1·(mean φ − θ) = mean φ
+
+
+def test_adam_first_step_is_a_normalised_gradient_step():
+    """Adam with β₁ = 0 after one step: ``φ = θ − η g / (|g| + ε)`` (bias-corrected moments are g and g²)."""
+    lr = 0.01
+    algo = linear_reptile(inner_lr=lr, inner_steps=1, inner_optimizer="adam")
+    ep = regression_tasks(tasks=2)
+    theta0 = theta(algo)
+    expected = []
+    for t in range(2):
+        x = torch.cat([ep.support_x[t], ep.query_x[t]])
+        y = torch.cat([ep.support_y[t], ep.query_y[t]]).squeeze(1)
+        a = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        g = 2 / len(x) * a.T @ (a @ theta0 - y)
+        expected.append(lr * g / (g.abs() + 1e-8))
+    loss, _ = algo.training_loss(ep)
+    got = torch.cat([g.flatten() for g in torch.autograd.grad(loss, [algo.head.weight, algo.head.bias])])
+    assert torch.allclose(got, torch.stack(expected).mean(0), atol=1e-12)
+
+
+def test_minibatches_cycle_through_one_permutation():
+    algo = linear_reptile(inner_steps=5, inner_batch=3)
+    torch.manual_seed(1)
+    order = algo.minibatches(8, torch.device("cpu"))
+    assert order.shape == (5, 3)
+    flat = order.flatten().tolist()
+    assert sorted(flat[:8]) == list(range(8)) and flat[8:] == flat[: 15 - 8]
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_conv_backbone_with_batch_norm_runs_batched(strategy):
+    torch.manual_seed(0)
+    algo = Reptile(tiny_backbone("conv4"), 3, inner_steps=2, inner_batch=4, strategy=strategy).double()
+    xs, ys, xq, yq = tiny_tasks(tasks=3)
+    torch.manual_seed(5)
+    loss, metrics = algo.training_loss(Episode(xs, ys, xq, yq, 3))
+    loss.backward()
+    assert all(p.grad is not None for p in algo.parameters())
+    assert 0 <= metrics["acc"] <= 1
+    algo.eval()
+    for mode in ("transductive", "support", "running"):
+        assert algo.evaluate(Episode(xs, ys, xq, yq, 3), mode).shape == (3,)
+
+
+def test_strategies_agree():
+    xs, ys, xq, yq = tiny_tasks(tasks=3)
+    grads = []
+    for strategy in ("vmap", "loop"):
+        torch.manual_seed(0)
+        algo = Reptile(tiny_backbone("conv4"), 3, inner_steps=3, inner_batch=4, inner_optimizer="adam", strategy=strategy).double()
+        torch.manual_seed(5)
+        loss, _ = algo.training_loss(Episode(xs, ys, xq, yq, 3))
+        grads.append(torch.autograd.grad(loss, list(algo.parameters())))
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("kwargs", [{"inner_optimizer": "rmsprop"}, {"inner_steps": 0}, {"inner_batch": 0}])
+def test_bad_options_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        Reptile(MLP((3,)), 2, **kwargs)
