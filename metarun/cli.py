@@ -41,6 +41,11 @@ Overrides are Hydra's: `metarun train algo=maml dataset=omniglot task.shots=5`.
 """
 
 
+#: appended for the ranks other than 0 of a ``torchrun`` launch: they write nothing (no run folder, no
+#: ``.hydra/``, no log file); the trainer takes rank 0's run folder, whose name Hydra takes from the clock
+SILENT_RANK = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none")
+
+
 def config_dir() -> str:
     return str(resources.files("metarun.conf"))
 
@@ -180,6 +185,8 @@ def run_hydra_command(command: str, argv: list[str]) -> None:
             from metarun.evaluation import eval_task as run
         return run(cfg)
 
+    if int(os.environ.get("RANK", "0")) > 0:
+        argv = [*argv, *SILENT_RANK]
     sys.argv = [f"metarun {command}", *argv]
     hydra.main(config_path=config_dir(), config_name=COMMANDS[command][0], version_base="1.3")(single_run_errors(task))()
 

@@ -52,18 +52,46 @@ def check_divisible(meta_batch: int, world: int) -> None:
         raise ConfigError(f"task.meta_batch={meta_batch} does not split over {world} processes: make it a multiple of {world}")
 
 
-def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """One flat all-reduce of every gradient, divided by the number of processes."""
-    if world == 1:
+def average_gradients(params: list[torch.nn.Parameter], world: int, buffers: list[torch.Tensor] = ()) -> None:
+    """Every gradient, and ``buffers``, averaged over the processes in one all-reduce.
+
+    The buffers are batch norm's running statistics: each rank moved them
+    towards the statistics of its own tasks, and as that update is linear in
+    the statistics, their mean over ranks is what one process computes from
+    the whole meta-batch.
+    """
+    average([p.grad for p in params if p.grad is not None] + list(buffers), world)
+
+
+def average(tensors: list[torch.Tensor], world: int) -> None:
+    """In place, each tensor's mean over the processes: one flat all-reduce."""
+    if world == 1 or not tensors:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
+    flat = torch.cat([t.flatten() for t in tensors])
     dist.all_reduce(flat)
     flat /= world
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def on_every_rank(flag: torch.Tensor, world: int) -> torch.Tensor:
+    """``flag`` and-ed over the processes, for decisions they must take together (skipping a step)."""
+    if world == 1:
+        return flag
+    agreed = flag.to(torch.int32)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return agreed.bool()
+
+
+def from_main(value: str, world: int) -> str:
+    """Rank 0's ``value`` on every rank (e.g. the run folder, which Hydra names by the time each process started)."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shutdown() -> None:

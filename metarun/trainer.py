@@ -22,7 +22,7 @@ from metarun.checkpoint import load_checkpoint, load_model_state, prune_checkpoi
 from metarun.config import TrainConfig, check_values
 from metarun.data.episodes import check_episode
 from metarun.device import autocast, resolve_device
-from metarun.distributed import average_gradients, check_divisible, init_distributed, shutdown
+from metarun.distributed import average, average_gradients, check_divisible, from_main, init_distributed, on_every_rank, shutdown
 from metarun.errors import ConfigError, MetarunError
 from metarun.evaluation import check_settings, mean_ci95, resolve_bn_mode, run_evaluation, score_episodes
 from metarun.factory import build_algorithm, build_dataset, build_optimizer, build_sampler, build_scheduler, data_device
@@ -54,6 +54,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
     # -- build everything ----------------------------------------------------
     device = resolve_device(cfg.device.type)
     topo, device = init_distributed(device)
+    run_dir = Path(from_main(str(run_dir), topo.world))
     check_divisible(t.meta_batch, topo.world)
     seed_everything(tr.seed)
     if device.type == "cuda":
@@ -76,6 +77,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
     scaler = torch.amp.GradScaler(device.type, enabled=tr.precision == "fp16")
     loss_fn = torch.compile(algorithm.training_loss) if tr.compile else algorithm.training_loss
     params = [p for p in algorithm.parameters() if p.requires_grad]
+    running_stats = [b for b in algorithm.buffers() if b.is_floating_point()]
     step, best, saved_step = 0, None, None
     # metrics since the last log row; checkpoints carry them, so a resumed run writes the rows the uninterrupted one would
     window: dict = {"sums": {}, "steps": 0, "skipped": 0, "last_finite": torch.zeros((), device=device)}
@@ -132,12 +134,12 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
             with autocast(device, tr.precision):
                 loss, metrics = loss_fn(batch)
             finite = torch.isfinite(loss.detach())
-            if tr.nan_policy == "skip" and not bool(finite):  # the one host sync per step that skipping costs
+            if tr.nan_policy == "skip" and not bool(on_every_rank(finite, topo.world)):  # the one host sync per step that skipping costs
                 window["skipped"] += 1
             else:
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                average_gradients(params, topo.world)
+                average_gradients(params, topo.world, running_stats)
                 if tr.grad_clip > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, tr.grad_clip)
@@ -155,6 +157,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
 
             if step % tr.log_every == 0 or step == tr.steps:
                 stop_if_not_finite()
+                average(list(window["sums"].values()), topo.world)  # rank 0 logs the whole meta-batch's metrics
                 row = {k: float(v) / window["steps"] for k, v in window["sums"].items()}
                 if window["skipped"]:
                     row["skipped_steps"] = window["skipped"]
@@ -190,7 +193,8 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
         checkpoint("last.pt")
         if logger:
             logger.close()
-        console.print(f"interrupted at step {step}/{tr.steps}; resume with: metarun train resume={run_dir}", soft_wrap=True, markup=False, highlight=False)
+        if topo.is_main:
+            console.print(f"interrupted at step {step}/{tr.steps}; resume with: metarun train resume={run_dir}", soft_wrap=True, markup=False, highlight=False)
         shutdown()
         raise SystemExit(stop.exit_code)
 

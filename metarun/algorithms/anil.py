@@ -1,18 +1,82 @@
 """ANIL: almost no inner loop (Raghu et al. 2020).
 
 MAML in which the inner loop adapts only the classifier head; the backbone is
-still meta-learned through the outer loop (second order by default). Since the
-backbone does not change within a task, each task's features are computed
-once and the inner steps touch only the head, which makes the inner loop
-nearly free. Everything else, including the batched per-task meta-gradient,
-is MAML's (:mod:`metarun.algorithms.maml`).
+meta-learned through the outer loop (second order by default). Since the
+backbone does not change within a task, it runs once per meta-step for all
+tasks, folded into one batch (each task normalised with its own statistics, as
+in ProtoNet), and only the head's inner loop is batched over tasks with
+``vmap(grad(...))``. That per-task gradient is taken with respect to the head
+*and the task's features*; the backbone's share of the meta-gradient is then
+one ordinary backward pass of the folded forward with those feature gradients
+(the surrogate loss below). That is exact (autograd never runs through a
+``vmap``) and much cheaper than per-task weight gradients of shared
+convolutions under vmap, which cost 2.6 s per meta-step of 32 5-way 1-shot
+5-query tasks on one CPU thread, twice a loop over tasks.
 """
 
 from __future__ import annotations
 
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from metarun.algorithms.base import surrogate_loss
+from metarun.algorithms.functional import Params, check_bn_mode, fold_features, inner_loop, map_tasks
 from metarun.algorithms.maml import MAML
+from metarun.data.episodes import Episode
 
 
 class ANIL(MAML):
     default_bn_mode = "transductive"  # as MAML, whose code the paper uses
     adapts_backbone = False
+
+    def adapt_head(self, head: Params, zs, ys, zq, steps: int, first_order: bool) -> torch.Tensor:
+        """One task: ``steps`` inner steps of the head on the support features, then the query outputs."""
+
+        def head_loss(h, step):
+            loss = self.loss(self.head_forward({"head": h}, zs), ys)[0]
+            return loss, loss.detach()
+
+        fast, _ = inner_loop(head_loss, head, self.inner_lr, steps, first_order, self.inner_optimizer)
+        return self.head_forward({"head": fast}, zq)
+
+    def task_meta_gradient(self, head: Params, zs, ys, zq, yq):
+        """Per task: the meta-gradient with respect to the head and to the task's features."""
+
+        def meta_loss(h, zs_, zq_):
+            loss, score = self.loss(self.adapt_head(h, zs_, ys, zq_, self.inner_steps, self.first_order), yq)
+            return loss, (loss.detach(), score.detach())
+
+        grads, (loss, score) = torch.func.grad(meta_loss, argnums=(0, 1, 2), has_aux=True)(head, zs, zq)
+        return grads, loss, score
+
+    def training_loss(self, batch: Episode):
+        head = self.model_parameters()["head"]
+        zs, zq = fold_features(self.backbone, batch.support_x, batch.query_x, "transductive")
+        tasks = batch.num_tasks
+        strategy = self.strategy_for(0)  # the head alone: no convolution inside
+        (g_head, g_zs, g_zq), loss, score = map_tasks(
+            self.task_meta_gradient,
+            (self.detached(head),),
+            (zs.detach(), batch.support_y, zq.detach(), batch.query_y),
+            strategy,
+            self.chunk_size,
+        )
+        mean_head = tree_map(lambda g: g.mean(0), g_head)
+        # d/dθ of Σ_t <z_t(θ), g_t> / T is the mean over tasks of the backbone's meta-gradient
+        surrogate = surrogate_loss(tree_flatten(head)[0], tree_flatten(mean_head)[0]) + surrogate_loss(
+            [zs, zq], [g_zs / tasks, g_zq / tasks]
+        )
+        return surrogate, {"loss": loss.mean().detach(), self.metric_name: score.mean().detach()}
+
+    def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+        check_bn_mode(bn_mode)
+        head = self.detached(self.model_parameters()["head"])
+
+        def task_score(h, zs, ys, zq, yq):
+            return self.loss(self.adapt_head(h, zs, ys, zq, self.inner_steps_eval, True), yq)[1]
+
+        with torch.no_grad():
+            zs, zq = fold_features(self.backbone, episode.support_x, episode.query_x, bn_mode)
+            return map_tasks(
+                task_score, (head,), (zs, episode.support_y, zq, episode.query_y), self.strategy_for(0), self.chunk_size
+            )

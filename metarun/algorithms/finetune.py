@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.algorithms.base import Algorithm, accuracy
-from metarun.algorithms.functional import check_bn_mode
+from metarun.algorithms.functional import check_bn_mode, fold_features
 from metarun.data.episodes import Batch, Episode
 from metarun.errors import ConfigError
-from metarun.models.norm import BN_MODES, norm_statistics
 
 HEADS = ("linear", "cosine")
 
@@ -58,7 +57,9 @@ class Finetune(Algorithm):
     ) -> None:
         super().__init__(backbone, ways)
         if task_kind != "classification":
-            raise ConfigError("algo=finetune pre-trains a classifier over the training classes: it needs a classification dataset")
+            raise ConfigError(
+                "algo=finetune pre-trains a classifier over the training classes: it needs a classification dataset"
+            )
         if num_train_classes is None:
             raise ConfigError("algo=finetune needs a dataset with a training split of classes")
         if head not in HEADS:
@@ -75,21 +76,16 @@ class Finetune(Algorithm):
         return sampler.sample_images(self.batch_size, shard)
 
     def training_loss(self, batch: Batch):
-        logits = head_logits(self.backbone(batch.x), self.classifier.weight, self.classifier.bias, self.head_kind, self.cosine_scale)
+        logits = head_logits(
+            self.backbone(batch.x), self.classifier.weight, self.classifier.bias, self.head_kind, self.cosine_scale
+        )
         loss = F.cross_entropy(logits, batch.y)
         return loss, {"loss": loss.detach(), "acc": accuracy(logits, batch.y).detach()}
 
     # -- test time ------------------------------------------------------------------------
     def features(self, episode: Episode, bn_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen-backbone features ``[tasks, n, d]`` of support and query, each task with its own statistics."""
-        t, ns, nq = episode.num_tasks, episode.support_x.shape[1], episode.query_x.shape[1]
-        if bn_mode == "transductive":
-            with norm_statistics(self.backbone, "batch", tasks=t):
-                return self.backbone(episode.support_x.flatten(0, 1)).view(t, ns, -1), self.backbone(episode.query_x.flatten(0, 1)).view(t, nq, -1)
-        x = torch.cat([episode.support_x, episode.query_x], 1).flatten(0, 1)
-        with norm_statistics(self.backbone, BN_MODES[bn_mode], support_size=ns, tasks=t):
-            z = self.backbone(x).view(t, ns + nq, -1)
-        return z[:, :ns], z[:, ns:]
+        return fold_features(self.backbone, episode.support_x, episode.query_x, bn_mode)
 
     def fit_heads(self, zs: torch.Tensor, ys: torch.Tensor, ways: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A new classifier per task, ``[tasks, ways, d]`` (+ bias), fitted on the support features."""

@@ -30,7 +30,9 @@ Both paths run the identical per-task function, so they agree to rounding.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from metarun.algorithms.base import Algorithm, accuracy
 from metarun.errors import ConfigError
-from metarun.models.norm import BN_MODES, norm_statistics
+from metarun.models.norm import BN_MODES, norm_statistics, one_task_per_call
 
 Params = dict[str, Any]  # possibly nested dicts of tensors (a pytree)
 
@@ -105,21 +107,67 @@ def inner_loop(
     if optimizer not in INNER_OPTIMIZERS:
         raise ConfigError(f"inner optimizer {optimizer}: valid values are {', '.join(INNER_OPTIMIZERS)}")
     if not isinstance(lrs, dict):
-        lrs = tree_map(lambda _: lrs, params)
-    m = v = None
+        lrs = tree_map(partial(_constant, lrs), params)
+    b1, b2 = betas
+    if optimizer == "adam":
+        m, v = tree_map(torch.zeros_like, params), tree_map(torch.zeros_like, params)
     aux = None
     for step in range(steps):
         g, aux = grad(loss_fn, has_aux=True)(params, step)
         if first_order:
             g = tree_map(torch.Tensor.detach, g)
         if optimizer == "adam":
-            b1, b2 = betas
-            m = tree_map(lambda g_: (1 - b1) * g_, g) if m is None else tree_map(lambda m_, g_: b1 * m_ + (1 - b1) * g_, m, g)
-            v = tree_map(lambda g_: (1 - b2) * g_ * g_, g) if v is None else tree_map(lambda v_, g_: b2 * v_ + (1 - b2) * g_ * g_, v, g)
-            c1, c2 = 1 - b1 ** (step + 1), 1 - b2 ** (step + 1)
-            g = tree_map(lambda m_, v_: (m_ / c1) / ((v_ / c2).sqrt() + eps), m, v)
-        params = tree_map(lambda p, lr, g_: p - lr * g_, params, lrs, g)
+            m = tree_map(partial(_average, b1), m, g)
+            v = tree_map(partial(_average, b2), v, tree_map(torch.square, g))
+            g = tree_map(partial(_adam_direction, 1 - b1 ** (step + 1), 1 - b2 ** (step + 1), eps), m, v)
+        params = tree_map(_sgd_step, params, lrs, g)
     return params, aux
+
+
+def fold_features(backbone: nn.Module, xs: torch.Tensor, xq: torch.Tensor, bn_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features ``[tasks, n, d]`` of every task's support and query set through a backbone shared by all
+    tasks, each task normalised with its own statistics (``eval.bn_mode``; ``transductive`` in training:
+    support and query each with their own).
+
+    As in ProtoNet: on an accelerator all tasks go in one folded call; on a CPU one call per task,
+    which is faster there (1.2 s vs 2.1 s forward + backward for 32 tasks of 30 images, Conv4, one
+    thread), with the running statistics averaged over the calls (:func:`one_task_per_call`).
+    """
+    t = xs.shape[0]
+    if xs.device.type != "cpu" or t == 1:
+        return _fold_features(backbone, xs, xq, bn_mode)
+    parts = []
+    with one_task_per_call(backbone) as next_task:
+        for i in range(t):
+            parts.append(_fold_features(backbone, xs[i : i + 1], xq[i : i + 1], bn_mode))
+            next_task()
+    return torch.cat([s for s, _ in parts]), torch.cat([q for _, q in parts])
+
+
+def _fold_features(backbone: nn.Module, xs: torch.Tensor, xq: torch.Tensor, bn_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    t, ns, nq = xs.shape[0], xs.shape[1], xq.shape[1]
+    if bn_mode == "transductive":
+        with norm_statistics(backbone, "batch", tasks=t):
+            return backbone(xs.flatten(0, 1)).view(t, ns, -1), backbone(xq.flatten(0, 1)).view(t, nq, -1)
+    with norm_statistics(backbone, BN_MODES[bn_mode], support_size=ns, tasks=t):
+        z = backbone(torch.cat([xs, xq], 1).flatten(0, 1)).view(t, ns + nq, -1)
+    return z[:, :ns], z[:, ns:]
+
+
+def _constant(value, _):
+    return value
+
+
+def _average(beta, avg, new):
+    return beta * avg + (1 - beta) * new
+
+
+def _adam_direction(c1, c2, eps, m, v):
+    return (m / c1) / ((v / c2).sqrt() + eps)
+
+
+def _sgd_step(p, lr, g):
+    return p - lr * g
 
 
 def task_loss(out: torch.Tensor, y: torch.Tensor, regression: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +190,14 @@ class FunctionalLearner(Algorithm):
     #: whether the inner loop adapts the backbone (ANIL: only the head, so its convolutions stay shared)
     adapts_backbone = True
 
-    def __init__(self, backbone: nn.Module, ways: int, task_kind: str = "classification", strategy: str = "auto", chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        ways: int,
+        task_kind: str = "classification",
+        strategy: str = "auto",
+        chunk_size: int | None = None,
+    ) -> None:
         super().__init__(backbone, ways)
         if task_kind not in TASK_KINDS:
             raise ConfigError(f"task kind {task_kind}: valid kinds are {', '.join(TASK_KINDS)}")
@@ -207,14 +262,6 @@ class FunctionalLearner(Algorithm):
             return self.body(params, buffers, torch.cat([xs, xq]), "support", support_size=ns)[ns:]
         return self.body(params, buffers, xq, BN_MODES[bn_mode])
 
-    def embed(self, params: Params, buffers: Params, xs: torch.Tensor, xq: torch.Tensor, bn_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Support and query features under an ``eval.bn_mode`` (support statistics for the support set itself)."""
-        if bn_mode == "transductive":
-            return self.body(params, buffers, xs, "batch"), self.body(params, buffers, xq, "batch")
-        ns = xs.shape[0]
-        z = self.body(params, buffers, torch.cat([xs, xq]), BN_MODES[bn_mode], support_size=ns)
-        return z[:ns], z[ns:]
-
     @staticmethod
     def inner_mode(bn_mode: str) -> str:
         """Statistics while adapting on the support set: its own, unless evaluating with running statistics."""
@@ -229,9 +276,7 @@ class FunctionalLearner(Algorithm):
         stats, fixed = self.split_buffers()
         tasks = tree_flatten(batched)[0][0].shape[0]
         per_task = self.per_task_stats(stats, tasks)
-        out, updated = map_tasks(
-            fn, (*shared, fixed), (per_task, *batched), self.strategy_for(images_per_task), self.chunk_size
-        )
+        out, updated = map_tasks(fn, (*shared, fixed), (per_task, *batched), self.strategy_for(images_per_task), self.chunk_size)
         if stats:
             self.write_back_stats(stats, updated)
         return out

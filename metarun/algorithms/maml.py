@@ -55,28 +55,20 @@ class MAML(FunctionalLearner):
         return self.inner_lr
 
     # -- one task ------------------------------------------------------------------------
-    def solve(self, meta_params: Params, buffers: Params, xs, ys, xq, steps: int, bn_mode: str, first_order: bool) -> torch.Tensor:
+    def solve(
+        self, meta_params: Params, buffers: Params, xs, ys, xq, steps: int, bn_mode: str, first_order: bool
+    ) -> torch.Tensor:
         """Adapts to ``(xs, ys)`` with ``steps`` inner steps and predicts ``xq`` (one task, unbatched)."""
         lrs = self.inner_lrs(meta_params)
         model = {"backbone": meta_params["backbone"], "head": meta_params["head"]}
         inner = self.inner_mode(bn_mode)
-        if self.adapts_backbone:
 
-            def support_loss(p, step):
-                loss = self.loss(self.predict(p, buffers, xs, inner), ys)[0]
-                return loss, loss.detach()
-
-            fast, _ = inner_loop(support_loss, model, lrs, steps, first_order, self.inner_optimizer)
-            return self.head_forward(fast, self.embed_query(fast, buffers, xs, xq, bn_mode))
-        # ANIL: the backbone is fixed within the task, so its features are computed once
-        zs, zq = self.embed(model, buffers, xs, xq, bn_mode)
-
-        def head_loss(h, step):
-            loss = self.loss(self.head_forward({"head": h}, zs), ys)[0]
+        def support_loss(p, step):
+            loss = self.loss(self.predict(p, buffers, xs, inner), ys)[0]
             return loss, loss.detach()
 
-        head, _ = inner_loop(head_loss, model["head"], lrs, steps, first_order, self.inner_optimizer)
-        return self.head_forward({"head": head}, zq)
+        fast, _ = inner_loop(support_loss, model, lrs, steps, first_order, self.inner_optimizer)
+        return self.head_forward(fast, self.embed_query(fast, buffers, xs, xq, bn_mode))
 
     def task_meta_gradient(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, yq):
         """Per-task meta-gradient, loss and score; ``stats`` are this task's running statistics (updated in place)."""
@@ -95,7 +87,10 @@ class MAML(FunctionalLearner):
         params = self.meta_parameters()
         images = batch.support_x.shape[1] + batch.query_x.shape[1]
         grads, loss, score = self.run_tasks(
-            self.task_meta_gradient, (self.detached(params),), (batch.support_x, batch.support_y, batch.query_x, batch.query_y), images
+            self.task_meta_gradient,
+            (self.detached(params),),
+            (batch.support_x, batch.support_y, batch.query_x, batch.query_y),
+            images,
         )
         mean_grads = tree_map(lambda g: g.mean(0), grads)
         surrogate = surrogate_loss(tree_flatten(params)[0], tree_flatten(mean_grads)[0])

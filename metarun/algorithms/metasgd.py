@@ -35,13 +35,11 @@ class MetaSGD(MAML):
         super().__init__(backbone, ways, inner_lr, inner_steps, inner_steps_eval, first_order, task_kind, strategy, chunk_size)
         model = super().meta_parameters()
         self.names = [("backbone", k) for k in model["backbone"]] + [("head", k) for k in model["head"]]
-        self.lrs = nn.ParameterList(
-            [nn.Parameter(torch.full_like(model[g][k].detach(), inner_lr)) for g, k in self.names]
-        )
+        self.lrs = nn.ParameterList([nn.Parameter(torch.full_like(model[g][k].detach(), inner_lr)) for g, k in self.names])
 
     def meta_parameters(self) -> Params:
         params = super().meta_parameters()
-        params["lrs"] = {f"{g}.{k}": lr for (g, k), lr in zip(self.names, self.lrs)}
+        params["lrs"] = {f"{g}.{k}": lr for (g, k), lr in zip(self.names, self.lrs, strict=True)}
         return params
 
     def inner_lrs(self, meta_params: Params) -> Params:
@@ -49,4 +47,4 @@ class MetaSGD(MAML):
         out: Params = {"backbone": {}, "head": {}}
         for g, k in self.names:
             out[g][k] = lrs[f"{g}.{k}"]
-        return out if self.adapts_backbone else out["head"]
+        return out

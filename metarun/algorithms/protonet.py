@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from metarun.algorithms.base import Algorithm, accuracy
 from metarun.data.episodes import Episode
-from metarun.models.norm import BN_MODES, norm_statistics
+from metarun.models.norm import norm_statistics, one_task_per_call
 
 
 def prototypes(support: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
@@ -49,10 +49,13 @@ class ProtoNet(Algorithm):
         accelerator takes all tasks in one call.
         """
         t = episode.num_tasks
-        per_call = 1 if episode.support_x.device.type == "cpu" else t
-        parts = [self.embed_tasks(episode.support_x[i : i + per_call], episode.query_x[i : i + per_call], mode) for i in range(0, t, per_call)]
-        if len(parts) == 1:
-            return parts[0]
+        if episode.support_x.device.type != "cpu" or t == 1:
+            return self.embed_tasks(episode.support_x, episode.query_x, mode)
+        parts = []
+        with one_task_per_call(self.backbone) as next_task:
+            for i in range(t):
+                parts.append(self.embed_tasks(episode.support_x[i : i + 1], episode.query_x[i : i + 1], mode))
+                next_task()
         return torch.cat([s for s, _ in parts]), torch.cat([q for _, q in parts])
 
     def embed_tasks(self, support_x: torch.Tensor, query_x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:

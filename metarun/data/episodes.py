@@ -36,10 +36,10 @@ class Episode:
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
 
-    def select(self, tasks: slice) -> "Episode":
+    def select(self, tasks: slice) -> Episode:
         return Episode(self.support_x[tasks], self.support_y[tasks], self.query_x[tasks], self.query_y[tasks], self.ways)
 
-    def to(self, device: torch.device) -> "Episode":
+    def to(self, device: torch.device) -> Episode:
         tensors = (self.support_x, self.support_y, self.query_x, self.query_y)
         return Episode(*(x.to(device, non_blocking=True) for x in tensors), self.ways)
 

@@ -31,7 +31,7 @@ from metarun.data.split import FewShotDataset, Split
 from metarun.errors import ConfigError
 
 # Bumped whenever the output for a given set of arguments changes, so stale caches are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 MAX_SEGMENTS = 8  # cubic segments per class: up to 4 strokes of up to 2 segments each
 SAMPLES_PER_SEGMENT = 40  # points along a segment: well under a pixel apart at 28 px

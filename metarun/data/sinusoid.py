@@ -39,7 +39,7 @@ class SinusoidTasks:
     phase: torch.Tensor  # [tasks]
     x: torch.Tensor  # [tasks, shots + queries]
 
-    def __getitem__(self, item) -> "SinusoidTasks":
+    def __getitem__(self, item) -> SinusoidTasks:
         return SinusoidTasks(self.amplitude[item], self.phase[item], self.x[item])
 
     def __len__(self) -> int:
@@ -72,7 +72,9 @@ class SinusoidSampler:
             return lo + (hi - lo) * torch.rand(*shape, generator=g, device=g.device)
 
         return SinusoidTasks(
-            uniform(self.amplitude, num_tasks), uniform(self.phase, num_tasks), uniform(self.x_range, num_tasks, self.shots + self.queries)
+            uniform(self.amplitude, num_tasks),
+            uniform(self.phase, num_tasks),
+            uniform(self.x_range, num_tasks, self.shots + self.queries),
         )
 
     def gather(self, tasks: SinusoidTasks) -> Episode:

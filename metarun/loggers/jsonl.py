@@ -20,7 +20,9 @@ class JsonlLogger(Logger):
         self.path = path
         if truncate_after is not None and path.exists():
             rows = [r for r in read_metrics(path) if r["step"] <= truncate_after]
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            kept = path.with_name(path.name + ".tmp")  # renamed over the file: a kill now cannot lose the rows
+            kept.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            kept.replace(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a")
 

@@ -52,8 +52,8 @@ def reference_maml(algo, xs, ys, xq, yq, steps: int, first_order: bool, lrs=None
         alphas = [a.detach().clone().requires_grad_() for a in lrs] if lrs is not None else None
         fast = list(theta)
 
-        def forward(weights, x):
-            z = functional_call(backbone, dict(zip(names, weights[: len(names)])), (x,))
+        def forward(weights, x, backbone=backbone):
+            z = functional_call(backbone, dict(zip(names, weights[: len(names)], strict=True)), (x,))
             return F.linear(z, weights[-2], weights[-1])
 
         for _ in range(steps):
@@ -64,16 +64,16 @@ def reference_maml(algo, xs, ys, xq, yq, steps: int, first_order: bool, lrs=None
                 g = [x.detach() for x in g]
             lr = alphas if alphas is not None else [algo.inner_lr] * len(fast)
             lr = lr[-2:] if head_only else lr
-            new = [p - a * gi for p, a, gi in zip(adapted, lr, g)]
+            new = [p - a * gi for p, a, gi in zip(adapted, lr, g, strict=True)]
             fast = fast[:-2] + new if head_only else new
         meta = F.cross_entropy(forward(fast, xq[t]), yq[t])
         wrt = theta + (alphas or [])
         gt = torch.autograd.grad(meta, wrt, allow_unused=True)
-        gt = [torch.zeros_like(w) if x is None else x for w, x in zip(wrt, gt)]
+        gt = [torch.zeros_like(w) if x is None else x for w, x in zip(wrt, gt, strict=True)]
         n = len(theta)
-        grads = gt[:n] if grads is None else [a + b for a, b in zip(grads, gt[:n])]
+        grads = gt[:n] if grads is None else [a + b for a, b in zip(grads, gt[:n], strict=True)]
         if alphas is not None:
-            lr_grads = gt[n:] if lr_grads is None else [a + b for a, b in zip(lr_grads, gt[n:])]
+            lr_grads = gt[n:] if lr_grads is None else [a + b for a, b in zip(lr_grads, gt[n:], strict=True)]
         stats.append({k: v.clone() for k, v in backbone.named_buffers() if v.is_floating_point()})
     T = xs.shape[0]
     grads = [g / T for g in grads]

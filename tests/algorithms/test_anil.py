@@ -28,12 +28,12 @@ def test_meta_gradient_matches_the_reference(kind, first_order, strategy):
     assert 0 <= metrics["acc"] <= 1
 
 
-def test_features_are_computed_once_per_task():
-    """The backbone runs once for the support and once for the query set, whatever the inner steps."""
+def test_the_backbone_runs_once_per_set_and_task():
+    """One forward of each support and query set (folded on accelerators, per task on a CPU), whatever the inner steps."""
     torch.manual_seed(0)
     algo = ANIL(tiny_backbone("conv4"), 3, inner_steps=5, strategy="loop").double()
     calls = []
     algo.backbone.register_forward_hook(lambda *a: calls.append(1))
-    xs, ys, xq, yq = tiny_tasks(tasks=2)
+    xs, ys, xq, yq = tiny_tasks(tasks=3)
     algo.training_loss(Episode(xs, ys, xq, yq, 3))
-    assert len(calls) == 2 * 2
+    assert len(calls) == 2 * 3

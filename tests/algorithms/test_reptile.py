@@ -112,11 +112,13 @@ def test_strategies_agree():
     grads = []
     for strategy in ("vmap", "loop"):
         torch.manual_seed(0)
-        algo = Reptile(tiny_backbone("conv4"), 3, inner_steps=3, inner_batch=4, inner_optimizer="adam", strategy=strategy).double()
+        algo = Reptile(
+            tiny_backbone("conv4"), 3, inner_steps=3, inner_batch=4, inner_optimizer="adam", strategy=strategy
+        ).double()
         torch.manual_seed(5)
         loss, _ = algo.training_loss(Episode(xs, ys, xq, yq, 3))
         grads.append(torch.autograd.grad(loss, list(algo.parameters())))
-    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(*grads))
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(*grads, strict=True))
 
 
 @pytest.mark.parametrize("kwargs", [{"inner_optimizer": "rmsprop"}, {"inner_steps": 0}, {"inner_batch": 0}])

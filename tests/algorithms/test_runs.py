@@ -86,7 +86,15 @@ def test_cli_train_then_eval_with_another_bn_mode(tmp_path, tiny):
     assert out.returncode == 0, out.stderr
     printed = (out.stdout + out.stderr).replace("\n", "")
     assert "MAML" in printed and "eval.bn_mode=transductive" in printed
-    out = run_cli("eval", f"checkpoint={run}", "eval.episodes=4", "eval.queries=5", "eval.bn_mode=running", "logger=none", f"hydra.run.dir={tmp_path / 'eval'}")
+    out = run_cli(
+        "eval",
+        f"checkpoint={run}",
+        "eval.episodes=4",
+        "eval.queries=5",
+        "eval.bn_mode=running",
+        "logger=none",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads((run / "eval.json").read_text())["bn_mode"] == "running"
 
@@ -94,7 +102,15 @@ def test_cli_train_then_eval_with_another_bn_mode(tmp_path, tiny):
 def test_sinusoid_run_reports_mse(tmp_path, compose_config):
     cfg = compose_config(
         "train",
-        ["experiment=maml_sinusoid", "trainer.steps=3", "trainer.val_every=3", "trainer.val_episodes=4", "trainer.progress=false", "eval.episodes=8", "logger=none"],
+        [
+            "experiment=maml_sinusoid",
+            "trainer.steps=3",
+            "trainer.val_every=3",
+            "trainer.val_episodes=4",
+            "trainer.progress=false",
+            "eval.episodes=8",
+            "logger=none",
+        ],
     )
     train(cfg, tmp_path)
     results = json.loads((tmp_path / "eval.json").read_text())["results"]

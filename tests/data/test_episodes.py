@@ -4,8 +4,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metarun.data.episodes import EpisodeSampler, check_episode, fixed_episodes
-from metarun.data.split import Split, stack_classes
+from metarun.data.split import FewShotDataset, Split, stack_classes
 from metarun.errors import ConfigError
+from metarun.factory import build_sampler
 
 
 def numbered_split(classes: int = 12, per_class: int = 10) -> Split:
@@ -95,3 +96,20 @@ def test_image_batches_carry_split_class_labels():
     batch = sampler.sample_images(64)
     cls, _ = identities(sampler, batch.x)
     assert torch.equal(cls, batch.y)
+
+
+@settings(max_examples=30, deadline=None)
+@given(split=st.sampled_from(["train", "val", "test"]), ways=st.integers(1, 4), shots=st.integers(1, 3), queries=st.integers(1, 3), seed=st.integers(0, 2**31))
+def test_episodes_come_from_the_requested_split_only(split, ways, shots, queries, seed):
+    """The splits' classes carry different numbers (train 0-3, val 10-13, test 20-23), so any image's split is known."""
+    splits = {}
+    for offset, name in enumerate(("train", "val", "test")):
+        numbered = numbered_split(classes=4, per_class=6)
+        numbered.images[:, :, 0] += 10 * offset
+        splits[name] = numbered
+    sampler = build_sampler(FewShotDataset("numbered", splits, (0.5, 0.5), (0.25, 0.25)), split, ways, shots, queries, seed, torch.device("cpu"))
+    ep = sampler.sample(3)
+    first = 10 * ("train", "val", "test").index(split)
+    for x in (ep.support_x, ep.query_x):
+        classes, _ = identities(sampler, x)
+        assert set(classes.flatten().tolist()) <= set(range(first, first + 4))
