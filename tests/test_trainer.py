@@ -1,8 +1,11 @@
 import json
+import math
 
+import pytest
 import torch
 
 from metarun.checkpoint import load_checkpoint
+from metarun.factory import build_sampler
 from metarun.loggers.jsonl import TIMING_FIELDS, read_metrics
 from metarun.trainer import train
 from tests.conftest import run_cli
@@ -53,3 +56,58 @@ def test_untrained_model_is_evaluated_with_zero_steps(tmp_path, compose_config, 
     result = json.loads((tmp_path / "eval.json").read_text())["results"][0]
     assert 0.0 < result["accuracy"] < 1.0
     assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=False)["step"] == 0
+
+
+SPEED_SETTINGS = {
+    "bf16": ["trainer.precision=bf16"],
+    "fp16": ["trainer.precision=fp16"],  # adds the grad scaler
+    "channels_last": ["trainer.channels_last=true"],
+}
+
+
+def speed_run(tmp_path, compose_config, overrides):
+    train(compose_config("train", overrides), tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    evaluated = tmp_path / "eval.json"
+    accuracy = json.loads(evaluated.read_text())["results"][0]["accuracy"] if evaluated.exists() else None
+    return rows, accuracy
+
+
+@pytest.mark.parametrize("setting", list(SPEED_SETTINGS))
+def test_speed_settings_train_on_cpu(setting, tmp_path, compose_config, tiny):
+    rows, accuracy = speed_run(tmp_path, compose_config, [*tiny, "device=cpu", *SPEED_SETTINGS[setting]])
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert 0.0 < accuracy <= 1.0
+
+
+def test_channels_last_changes_the_layout_not_the_result(tmp_path, compose_config, tiny):
+    overrides = [*tiny, "device=cpu", "trainer.steps=2", "eval.after_train=false"]
+    plain, _ = speed_run(tmp_path / "plain", compose_config, overrides)
+    fast, _ = speed_run(tmp_path / "fast", compose_config, [*overrides, "trainer.channels_last=true"])
+    assert [r["loss"] for r in plain if "loss" in r] == pytest.approx([r["loss"] for r in fast if "loss" in r], rel=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("algo", ["protonet", "maml", "anil", "finetune"])
+@pytest.mark.parametrize("setting", ["fp32", "bf16", "fp16", "compile"])
+def test_gpu_path(algo, setting, tmp_path, compose_config, tiny):
+    """On a GPU: the data on the device, every precision, compiled steps, channels_last."""
+    extra = {"fp32": [], "bf16": ["trainer.precision=bf16"], "fp16": ["trainer.precision=fp16"], "compile": ["trainer.compile=true"]}
+    rows, accuracy = speed_run(
+        tmp_path, compose_config, [*tiny, "device=cuda", f"algo={algo}", "task.meta_batch=2", "trainer.channels_last=true", *extra[setting]]
+    )
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert accuracy > 0.0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_episodes_are_sampled_on_the_gpu(glyph_root, tiny):
+    from metarun.data.glyphs import load
+
+    dataset = load(root=str(glyph_root), num_classes=80, val_classes=15, test_classes=20)
+    sampler = build_sampler(dataset, "train", 5, 1, 5, 0, torch.device("cuda"))
+    episode = sampler.sample(4)
+    assert episode.support_x.is_cuda and episode.query_y.is_cuda
