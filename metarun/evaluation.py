@@ -162,11 +162,33 @@ def run_evaluation(cfg: DictConfig, eval_cfg: DictConfig, checkpoint: Path, devi
             return build_sampler(dataset, eval_cfg.split, ways, shots, queries, seed=0, device=device)
 
         results = evaluate_settings(algorithm, make_sampler, settings, eval_cfg.queries, eval_cfg.episodes, eval_cfg.seed, eval_cfg.batch_tasks, bn_mode)
-    console.print(results_table(results, f"{dataset.name} {eval_cfg.split} ({bn_mode} batch norm) — {ckpt['path']}"))
+    console.print(f"evaluated {ckpt['path']}", soft_wrap=True, markup=False, highlight=False)
+    console.print(results_table(results, f"{dataset.name} {eval_cfg.split} ({bn_mode} batch norm)"))
     write_eval_json(run_dir / "eval.json", ckpt["path"], dataset.name, eval_cfg.protocol, eval_cfg.split, bn_mode, results)
     if logger is not None:
         logger.log_eval(results, eval_cfg.protocol)
     return results
+
+
+def run_eval_config(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
+    """The run's own ``eval`` settings with the command line's ``eval.*`` overrides on top.
+
+    So ``metarun eval checkpoint=RUN`` repeats exactly the evaluation that
+    training ended with (settings, episodes, seed, bn_mode), and
+    ``eval.episodes=100`` changes only that.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if "eval" not in run_cfg or not HydraConfig.initialized():
+        return cfg.eval
+    merged = OmegaConf.merge(OmegaConf.structured(EvalConfig), run_cfg.eval)
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "eval":
+            merged = cfg.eval
+        elif key.startswith("eval."):
+            OmegaConf.update(merged, key.removeprefix("eval."), OmegaConf.select(cfg, key), merge=False)
+    return merged
 
 
 def eval_task(cfg: DictConfig) -> float:
@@ -180,9 +202,10 @@ def eval_task(cfg: DictConfig) -> float:
     device = resolve_device(cfg.device.type)
     path = ckpt["path"]
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    logger = build_logger(cfg.logger, run_dir, OmegaConf.merge(run_cfg, cfg), job_type="eval")
+    eval_cfg = run_eval_config(run_cfg, cfg)
+    logger = build_logger(cfg.logger, run_dir, OmegaConf.merge(run_cfg, cfg, {"eval": eval_cfg}), job_type="eval")
     try:
-        results = run_evaluation(run_cfg, cfg.eval, path, device, run_dir, logger)
+        results = run_evaluation(run_cfg, eval_cfg, path, device, run_dir, logger)
     finally:
         logger.close()
     first = results[0]
