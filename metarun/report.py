@@ -186,6 +186,14 @@ def write_csv(path: Path, runs: list[Run], best: Run, keys: list[str]) -> None:
 
 
 def plot(path: Path, title: str, runs: list[Run], best: Run, keys: list[str]) -> None:
+    fig = chart(title, runs, best, keys)
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def chart(title: str, runs: list[Run], best: Run, keys: list[str]):
     """One panel per setting: each run's score with its 95% interval; the best run and its statistical ties stand out."""
     import matplotlib
 
@@ -196,7 +204,10 @@ def plot(path: Path, title: str, runs: list[Run], best: Run, keys: list[str]) ->
     leaves = [k.rsplit(".", 1)[-1] for k in keys]
     shown = leaves if len(set(leaves)) == len(leaves) else keys  # trainer.lr reads as lr unless two keys share a leaf
     pairs = ((run, labels_of(run, keys)) for run in runs)
-    names = [f"{run.label}  " + (" ".join(f"{k}={v}" for k, v in zip(shown, values, strict=True)) if keys else values[0]) for run, values in pairs]
+    names = [
+        f"{BEST + ' ' if run is best else ''}{run.label}  " + (" ".join(f"{k}={v}" for k, v in zip(shown, values, strict=True)) if keys else values[0])
+        for run, values in pairs
+    ]
     height = 1.6 + 0.38 * len(runs)
     width = 0.6 + 0.07 * max(map(len, names)) + 4.2 * len(settings)
     fig, axes = plt.subplots(1, len(settings), figsize=(width, height), sharey=True, squeeze=False)
@@ -205,7 +216,7 @@ def plot(path: Path, title: str, runs: list[Run], best: Run, keys: list[str]) ->
         "best": f"{BEST} best",
         "tie": "not significantly different from best (paired)",
         "worse": "significantly different from best (paired)",
-        "unpaired": "not paired with best (other episodes)",
+        "unpaired": "not paired with best (its episodes differ or best lacks the setting)",
     }
     used = set()
     for ax, s in zip(axes[0], settings, strict=True):
@@ -219,16 +230,19 @@ def plot(path: Path, title: str, runs: list[Run], best: Run, keys: list[str]) ->
             ax.errorbar(scaled(key, score.mean), y, xerr=scaled(key, score.ci95), fmt="o", color=colours[kind], capsize=3, ms=6)
         if s in best.scores:
             ax.axvline(scaled(key, best.scores[s].mean), color=colours["best"], lw=0.8, ls="--", alpha=0.6)
-        ax.set_title(f"{s} {key}" + (" (%)" if key in PERCENT else ""))
+        direction = "higher" if higher_is_better(key) else "lower"
+        ax.set_title(f"{s} {key} ({'%, ' if key in PERCENT else ''}{direction} is better)")
         ax.grid(axis="x", alpha=0.3)
         ax.set_yticks(range(len(runs)), names)
         ax.set_ylim(len(runs) - 0.5, -0.5)
+    for label, run in zip(axes[0][0].get_yticklabels(), runs, strict=True):
+        if run is best:
+            label.set_fontweight("bold")
     handles = [plt.Line2D([], [], color=colours[k], marker="o", ls="", label=legend[k]) for k in colours if k in used]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=8)
     fig.suptitle(f"{title}: test score ± 95% CI", fontsize=11)
     fig.tight_layout(rect=(0, 0.35 / height, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str]) -> int:

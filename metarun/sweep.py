@@ -15,6 +15,7 @@ come from Hydra's runtime config, which only this layer reads.
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 import traceback
 from collections.abc import Callable
@@ -110,16 +111,29 @@ def varying_keys(overrides: list[dict[str, str]]) -> list[str]:
     return [k for k in keys if len({o.get(k) for o in overrides}) > 1]
 
 
-class SweepSummary(Callback):
-    """At the end of a sweep: which jobs failed and why; the command then exits with status 1.
+def sync_command(sweep_dir: Path) -> str | None:
+    """``wandb sync`` for every offline W&B run of the sweep: one glob when the jobs are the sweep's subfolders."""
+    runs = sorted(sweep_dir.rglob("wandb/offline-run-*"), key=natural_key)
+    if not runs:
+        return None
+    if set(runs) == set(sweep_dir.glob("*/wandb/offline-run-*")):
+        return f"wandb sync {shlex.quote(str(sweep_dir))}/*/wandb/offline-run-*"
+    return "wandb sync " + " ".join(shlex.quote(str(run)) for run in runs)
 
-    It exits rather than raising because Hydra turns a callback's exception into a warning.
+
+class SweepSummary(Callback):
+    """At the end of a sweep: how to upload its offline W&B runs, which jobs failed and why.
+
+    With a failed job the command exits with status 1; it exits rather than
+    raising because Hydra turns a callback's exception into a warning.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if command := sync_command(self.sweep_dir):
+            console.print(f"W&B runs saved offline; upload them with: {command}", soft_wrap=True, markup=False, highlight=False)
         failed = sorted(self.sweep_dir.rglob(FAILURE_FILE), key=natural_key)
         if not failed:
             return

@@ -6,13 +6,14 @@ import csv
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import yaml
 
 from metarun.errors import ConfigError
 from metarun.evaluation import mean_ci95
-from metarun.report import main
+from metarun.report import BEST, chart, compare, find_runs, main
 from tests.conftest import run_cli
 
 RNG = np.random.default_rng(0)
@@ -67,6 +68,23 @@ def test_table_has_the_varied_overrides_the_best_run_and_paired_differences(swee
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     out = capsys.readouterr().out
     assert "★" in out and "report.png" in out
+
+
+def test_chart_names_the_best_run_and_which_way_is_better(sweep, tmp_path_factory):
+    losses = tmp_path_factory.mktemp("losses")
+    make_run(losses / "0", ["algo.inner_lr=0.1"], {"1w10s": np.full(5, 0.5)}, key="mse")
+    for folder, best_label, titles in [
+        (sweep, "★ 1  lr=0.003", ["5w1s accuracy (%, higher is better)", "5w5s accuracy (%, higher is better)"]),
+        (losses, "★ 0  algo.inner_lr=0.1", ["1w10s mse (lower is better)"]),
+    ]:
+        runs, _ = find_runs(folder)
+        _, best = compare(runs)
+        fig = chart("t", runs, best, ["trainer.lr"] if folder == sweep else [])
+        ticks = fig.axes[0].get_yticklabels()
+        assert [t.get_text() for t in ticks if t.get_fontweight() == "bold"] == [best_label]
+        assert sum(BEST in t.get_text() for t in ticks) == 1
+        assert [ax.get_title() for ax in fig.axes] == titles
+        plt.close(fig)
 
 
 def test_runs_on_other_episodes_are_not_paired(sweep):

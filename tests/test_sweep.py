@@ -10,7 +10,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from metarun.loggers.jsonl import read_metrics
-from metarun.sweep import folder_label, run_labels
+from metarun.sweep import folder_label, run_labels, sync_command
 from tests.helpers.wandb_records import offline_runs, read_run, run_without_credentials, with_default_logger
 
 
@@ -31,6 +31,16 @@ def test_run_name_reads_like_the_command_and_the_group_is_the_sweep():
     name, group = run_labels(hydra_runtime(RunMode.MULTIRUN, overrides), cfg)
     assert (name, group) == ("maml-omniglot-5w1s lr=0.001252 inner_steps=3", "2026-11-23/11-05-42")
     assert run_labels(hydra_runtime(RunMode.RUN, []), cfg) == ("maml-omniglot-5w1s", None)
+
+
+def test_sync_command_covers_every_offline_run_of_the_sweep(tmp_path):
+    assert sync_command(tmp_path) is None
+    for job in ("0", "1", "10"):
+        (tmp_path / job / "wandb" / f"offline-run-2026_{job}").mkdir(parents=True)
+    assert sync_command(tmp_path) == f"wandb sync {tmp_path}/*/wandb/offline-run-*"
+    (tmp_path / "a b" / "c" / "wandb" / "offline-run-x").mkdir(parents=True)  # a sweep.subdir of two levels
+    assert sync_command(tmp_path).split(" ", 2)[2].count("offline-run-") == 4
+    assert f"'{tmp_path}/a b/c/wandb/offline-run-x'" in sync_command(tmp_path)
 
 
 def job_folders(sweep: Path) -> list[Path]:
@@ -54,6 +64,8 @@ def test_failed_job_is_reported_at_the_end_and_the_others_finish(tmp_path, tiny)
     runs = [read_run(p) for p in offline_runs(sweep)]
     assert len(runs) == 2 and {r.group for r in runs} == {folder_label(sweep)}
     assert len({r.id for r in runs}) == 2
+    assert f"W&B runs saved offline; upload them with: wandb sync {sweep}/*/wandb/offline-run-*\n" in out.stderr
+    assert len(list(sweep.glob("*/wandb/offline-run-*"))) == 2
 
     report = run_without_credentials("report", str(sweep), home=tmp_path / "home", cwd=tmp_path)
     assert report.returncode == 0, report.stderr

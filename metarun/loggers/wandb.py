@@ -2,9 +2,11 @@
 
 A training run must never wait on the network or ask a question: ``mode=auto``
 goes online only when credentials exist, and falls back to offline when the
-server cannot be reached within a short timeout. Everything W&B writes lives in
-the run folder (``<run>/wandb/``), so an offline run is uploaded later with
-``wandb sync`` and deleting the run folder deletes everything.
+server cannot be reached. A TCP connection is tried first: without network it
+fails within seconds, where ``wandb.init`` would wait out its whole timeout.
+Everything W&B writes lives in the run folder (``<run>/wandb/``), so an
+offline run is uploaded later with ``wandb sync`` and deleting the run folder
+deletes everything.
 
 The run folder remembers its W&B run in ``wandb_run.json`` (id, project,
 entity, name, group): a resumed training continues that run and ``metarun
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import wandb
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +35,9 @@ MODES = ("auto", "online", "offline", "disabled")
 IDENTITY_FILE = "wandb_run.json"
 #: seconds wandb.init may spend reaching the server (W&B's own default is 90); WANDB_INIT_TIMEOUT overrides
 INIT_TIMEOUT = 30.0
+#: seconds an auto-mode run waits for a TCP connection to the server before it logs offline
+PROBE_TIMEOUT = 5.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 #: the summary name of each score (test/5w1s/acc); others keep their own (test/1w10s/mse)
 SUMMARY_NAMES = {"accuracy": "acc"}
 
@@ -43,6 +51,23 @@ def resolve_mode(mode: str) -> str:
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     return "online" if wandb.login(prompt=False, verify=False) else "offline"
+
+
+def unreachable(base_url: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Why no TCP connection to the W&B server opens (``host:port: reason``); None when one does.
+
+    None as well behind a proxy, which alone knows whether the server can be reached.
+    """
+    settings = wandb.setup().settings
+    if settings.https_proxy or settings.http_proxy or any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return None
+    url = urlsplit(base_url)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as ex:
+        return f"{url.hostname}:{port}: {ex.strerror or ex}"
+    return None
 
 
 def eval_summary(results: list[dict], protocol: str) -> dict[str, float]:
@@ -121,6 +146,9 @@ def start_run(init: dict, mode: str, may_fall_back: bool):
     """``wandb.init`` that never prompts and never blocks for long; says in one line where the run went."""
     timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT))
     settings = wandb.Settings(silent=True, console="off", init_timeout=timeout)
+    if mode == "online" and may_fall_back and (reason := unreachable(wandb.setup().settings.base_url)):
+        console.print(f"W&B server unreachable ({reason}); logging offline instead", soft_wrap=True)
+        mode = "offline"
     try:
         run = wandb.init(**init, mode=mode, settings=settings)
     except wandb.Error as ex:
@@ -128,13 +156,26 @@ def start_run(init: dict, mode: str, may_fall_back: bool):
         if mode != "online" or not may_fall_back:
             hint = " (logger.wandb.mode=offline logs without network)" if mode == "online" else ""
             raise MetarunError(f"W&B could not start the run ({mode}): {reason}{hint}") from ex
-        console.print(f"W&B server unreachable ({reason}); logging offline instead", soft_wrap=True)
+        console.print(f"W&B could not start the run online ({reason}); logging offline instead", soft_wrap=True)
         run = wandb.init(**init, mode="offline", settings=settings)
     if run.offline:
-        console.print(f"W&B run saved offline; upload it with: wandb sync {run.sync_dir}", soft_wrap=True)
+        console.print(f"W&B run saved offline; upload it with: wandb sync {sync_paths(Path(run.sync_dir), run.id)}", soft_wrap=True, markup=False, highlight=False)
     elif not run.disabled:
         console.print(f"W&B run: {run.url}", soft_wrap=True)
     return run
+
+
+def sync_paths(sync_dir: Path, run_id: str) -> str:
+    """What ``wandb sync`` needs for this offline run: its folder, or every offline part of a continued run.
+
+    A resumed training or a ``metarun eval`` that joins an offline run writes a
+    further ``offline-run-<time>-<id>`` folder; ``wandb sync`` given all of
+    them uploads them in order, into the one run.
+    """
+    parts = list(sync_dir.parent.glob(f"offline-run-*-{run_id}"))
+    if len(parts) > 1:
+        return f"{shlex.quote(str(sync_dir.parent))}/offline-run-*-{run_id}"
+    return shlex.quote(str(sync_dir))
 
 
 def finish_abandoned_run() -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from metarun.loggers.wandb import INIT_TIMEOUT
 from tests.helpers.wandb_records import (
     env_without_credentials,
     offline_runs,
@@ -111,6 +114,9 @@ def test_eval_joins_the_training_run_or_starts_an_eval_run(trained, tmp_path):
 
     out = run_without_credentials(*common, home=tmp_path / "home", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    parts = f"{run_dir / 'wandb'}/offline-run-*-{training.id}"  # both parts, uploaded in order into the one run
+    assert f"W&B run saved offline; upload it with: wandb sync {parts}\n" in out.stderr
+    assert len(glob.glob(parts)) == 2
     joined = read_run(offline_runs(run_dir / "wandb")[-1])
     assert joined.id == training.id and joined.config == {"_wandb": {}}
     accuracy = json.loads((run_dir / "eval.json").read_text())["results"][0]["accuracy"]
@@ -141,17 +147,31 @@ def test_any_score_is_logged_under_its_own_name(tmp_path, protocol, result, keys
     assert run.summary[key.rsplit("/", 1)[0] + "/ci95"] == pytest.approx(ci)
 
 
-def test_unreachable_server_falls_back_to_offline_unless_online_is_forced(tmp_path):
-    unreachable = {"WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "2"}
+def test_unreachable_server_falls_back_to_offline_at_once_unless_online_is_forced(tmp_path):
+    unreachable = {"WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": "http://127.0.0.1:9"}
     result = [{"ways": 5, "shots": 1, "queries": 15, "episodes": 2, "accuracy": 0.5, "ci95": 0.1, "per_episode": [0.4, 0.6]}]
+    started = time.monotonic()
     out, run_dir = log_eval(tmp_path / "auto", "auto", result, "episodes", **unreachable)
     assert out.returncode == 0, out.stderr
-    assert "W&B server unreachable" in out.stderr and "W&B run saved offline" in out.stderr
+    assert time.monotonic() - started < INIT_TIMEOUT  # wandb.init alone would wait out its timeout
+    assert "W&B server unreachable (127.0.0.1:9: Connection refused); logging offline instead" in out.stderr
+    assert "W&B run saved offline" in out.stderr
     assert read_run(offline_runs(run_dir / "wandb")[0]).summary["test/5w1s/acc"] == pytest.approx(50.0)
 
-    out, _ = log_eval(tmp_path / "online", "online", result, "episodes", **unreachable)
+    out, _ = log_eval(tmp_path / "online", "online", result, "episodes", **unreachable, WANDB_INIT_TIMEOUT="2")
     assert out.returncode != 0
     assert re.search(r"MetarunError: W&B could not start the run \(online\): .*logger\.wandb\.mode=offline", out.stderr)
+
+
+def test_behind_a_proxy_wandb_init_decides_and_its_failure_still_falls_back(tmp_path):
+    """The direct connection may be blocked where the proxy gets through: no probe, wandb.init's own timeout."""
+    env = {"WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "2"}
+    result = [{"ways": 5, "shots": 1, "queries": 15, "episodes": 2, "accuracy": 0.5, "ci95": 0.1, "per_episode": [0.4, 0.6]}]
+    out, run_dir = log_eval(tmp_path, "auto", result, "episodes", **env)
+    assert out.returncode == 0, out.stderr
+    assert "W&B server unreachable" not in out.stderr
+    assert "W&B could not start the run online (" in out.stderr and "logging offline instead" in out.stderr
+    assert read_run(offline_runs(run_dir / "wandb")[0]).summary["test/5w1s/acc"] == pytest.approx(50.0)
 
 
 def test_disabled_writes_nothing(tmp_path):
