@@ -46,6 +46,10 @@ Overrides are Hydra's: `metarun train algo=maml dataset=omniglot task.shots=5`.
 SILENT_RANK = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none")
 
 
+#: Hydra's mutually exclusive flags, by spelling
+MODE_FLAGS = {"-m": "--multirun", "--multirun": "--multirun", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info"}
+
+
 def config_dir() -> str:
     return str(resources.files("metarun.conf"))
 
@@ -185,6 +189,10 @@ def run_hydra_command(command: str, argv: list[str]) -> None:
             from metarun.evaluation import eval_task as run
         return run(cfg)
 
+    modes = {MODE_FLAGS[a] for a in argv if a in MODE_FLAGS}
+    if len(modes) > 1:
+        print(f"error: {' and '.join(sorted(modes))} cannot be combined: give only one of them", file=sys.stderr)
+        sys.exit(2)
     if int(os.environ.get("RANK", "0")) > 0:
         argv = [*argv, *SILENT_RANK]
     sys.argv = [f"metarun {command}", *argv]

@@ -125,7 +125,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
 
     # -- the loop ------------------------------------------------------------------
     if topo.is_main:
-        console.print(f"[bold]metarun train[/] → {run_dir}  ({algorithm.__class__.__name__}, {dataset.name}, {device}, {topo.world} process(es), eval.bn_mode={bn_mode})")
+        console.print(f"[bold]metarun train[/] → {run_dir}  ({algorithm.__class__.__name__}, {dataset.name}, {device}, {topo.world} process(es), eval.bn_mode={bn_mode})", soft_wrap=True)
     bad_step = torch.zeros((), dtype=torch.long, device=device)  # the first step whose loss was not finite (0: none)
     window_start, window_done = time.perf_counter(), 0
     with StopRequest() as stop, TrainingProgress(tr.steps, step, enabled=tr.progress and topo.is_main) as bar:

@@ -44,6 +44,11 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(overrides, code, needle, tiny)
     assert "Traceback" not in out.stderr
 
 
+def test_hydra_modes_that_exclude_each_other_are_one_line():
+    out = run_cli("train", "-m", "--cfg", "hydra")
+    assert out.returncode == 2 and out.stderr.strip() == "error: --cfg and --multirun cannot be combined: give only one of them"
+
+
 def test_unknown_command():
     out = run_cli("trian")
     assert out.returncode == 2 and "unknown command 'trian'" in out.stderr
