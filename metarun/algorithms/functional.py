@@ -53,8 +53,8 @@ TASK_KINDS = ("classification", "regression")
 #: ``algo.strategy=auto`` uses vmap while a task forwards at most this many
 #: images through a convolutional backbone per inner step (support + query of
 #: one task), and a loop over tasks above it. Measured on 2 CPU cores, torch
-#: 2.13, Conv4-64 on 28x28 Omniglot, 16-32 tasks (``benchmarks/maml_strategy.py``;
-#: numbers in the docstring there): vmap/loop speed ratio, second order 1 step:
+#: 2.13, Conv4-64 on 28x28 Omniglot, 16-32 tasks (``python scripts/maml_strategy.py``
+#: re-measures it): vmap/loop speed ratio, second order 1 step:
 #: 10 images 1.9x, 20 images 1.3x, 40 images 1.0x, 80 images 0.7x, 100 images 0.6x;
 #: evaluation (no meta-gradient) crosses over at about the same size.
 #: Fully connected backbones (no convolutions) batch into plain matmuls and
