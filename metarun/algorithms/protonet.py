@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from metarun.algorithms.base import Algorithm, accuracy
 from metarun.data.episodes import Episode
+from metarun.errors import ConfigError
 from metarun.models.norm import norm_statistics, one_task_per_call
 
 
@@ -35,8 +36,10 @@ def logits_from_distances(query: torch.Tensor, protos: torch.Tensor) -> torch.Te
 class ProtoNet(Algorithm):
     default_bn_mode = "running"  # as in the paper's code: the model in eval mode at test time
 
-    def __init__(self, backbone, ways: int) -> None:
+    def __init__(self, backbone, ways: int, task_kind: str = "classification") -> None:
         super().__init__(backbone, ways)
+        if task_kind != "classification":
+            raise ConfigError("algo=protonet classifies by the nearest class prototype: it needs a classification dataset")
 
     def embed(self, episode: Episode, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeds support and query of every task with per-task statistics.

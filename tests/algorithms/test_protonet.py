@@ -1,8 +1,10 @@
+import pytest
 import torch
 from torch import nn
 
 from metarun.algorithms.protonet import ProtoNet, logits_from_distances, prototypes
 from metarun.data.episodes import Episode
+from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 
 
@@ -68,3 +70,8 @@ def test_training_loss_is_cross_entropy_over_queries():
     logits = -torch.cdist(q[0], protos).pow(2)
     torch.testing.assert_close(loss, nn.functional.cross_entropy(logits, ep.query_y[0]), rtol=1e-4, atol=1e-4)
     assert 0.0 <= metrics["acc"].item() <= 1.0
+
+
+def test_a_regression_dataset_is_a_config_error():
+    with pytest.raises(ConfigError, match="needs a classification dataset"):
+        ProtoNet(torch.nn.Identity(), 5, task_kind="regression")
