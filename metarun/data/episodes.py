@@ -79,6 +79,9 @@ def check_episode(
         )
 
 
+MIN_STD = 1e-3  # in [0, 1] pixel units: a quarter of one grey level
+
+
 class EpisodeSampler:
     """Seeded episodes from one split, produced on ``device``.
 
@@ -111,7 +114,8 @@ class EpisodeSampler:
         self.ways, self.shots, self.queries = ways, shots, queries
         c = split.images.shape[2]
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(c, 1, 1)
-        self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32, device=self.device).view(c, 1, 1)
+        # a channel that never varies (a constant plane in a user's images) is centred, not divided by zero
+        self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32, device=self.device).clamp_min(MIN_STD).view(c, 1, 1)
         # bytes -> normalised floats in one pass: x * scale + shift
         self.scale, self.shift = self.inv_std / 255.0, -self.mean * self.inv_std
         self.generator = torch.Generator(device=self.device).manual_seed(seed)

@@ -113,3 +113,9 @@ def test_episodes_come_from_the_requested_split_only(split, ways, shots, queries
     for x in (ep.support_x, ep.query_x):
         classes, _ = identities(sampler, x)
         assert set(classes.flatten().tolist()) <= set(range(first, first + 4))
+
+
+def test_a_constant_channel_is_centred_not_divided_by_zero():
+    sampler = EpisodeSampler(numbered_split(), 3, 1, 2, (0.5, 0.5), (0.25, 0.0), seed=0)
+    episode = sampler.sample(2)
+    assert torch.isfinite(episode.support_x).all() and torch.isfinite(episode.query_x).all()
