@@ -17,8 +17,9 @@ import functools
 import os
 import re
 import sys
+from collections.abc import Callable
 from importlib import resources
-from typing import Any, Callable
+from typing import Any
 
 from metarun.errors import ConfigError, MetarunError
 

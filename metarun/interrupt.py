@@ -30,7 +30,7 @@ class StopRequest:
             os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again exits at once)\n".encode())
         self.signal = signum
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)

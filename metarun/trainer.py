@@ -18,7 +18,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.table import Table
 
-from metarun.checkpoint import load_checkpoint, load_model_state, prune_checkpoints, save_checkpoint, seed_everything, set_rng_state
+from metarun.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    prune_checkpoints,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from metarun.config import TrainConfig, check_values
 from metarun.data.episodes import check_episode
 from metarun.device import autocast, resolve_device

@@ -15,7 +15,7 @@ class TrainingProgress:
         self.live = enabled and sys.stderr.isatty()
         self.progress: Progress | None = None
 
-    def __enter__(self) -> "TrainingProgress":
+    def __enter__(self) -> TrainingProgress:
         if self.live:
             self.progress = Progress(*columns(TextColumn("{task.fields[stats]}")), console=console)
             self.progress.__enter__()

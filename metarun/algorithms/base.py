@@ -47,4 +47,4 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def surrogate_loss(params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
     """A scalar whose gradient with respect to ``params`` is ``grads``."""
-    return sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(params, grads))
+    return sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(params, grads, strict=True))

@@ -15,8 +15,8 @@ import json
 import os
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from filelock import FileLock

@@ -13,8 +13,8 @@ one process would.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -57,7 +57,7 @@ class EpisodeIndices:
     classes: torch.Tensor  # int64 [tasks, ways]
     images: torch.Tensor  # int64 [tasks, ways, shots + queries]
 
-    def __getitem__(self, item) -> "EpisodeIndices":
+    def __getitem__(self, item) -> EpisodeIndices:
         return EpisodeIndices(self.classes[item], self.images[item])
 
 

@@ -40,7 +40,7 @@ class Split:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[2:])  # type: ignore[return-value]
 
-    def to(self, device: torch.device | str) -> "Split":
+    def to(self, device: torch.device | str) -> Split:
         counts = None if self.counts is None else self.counts.to(device)
         return Split(self.images.to(device), self.class_names, counts)
 
@@ -49,7 +49,7 @@ class Split:
         return {"images": self.images, "class_names": self.class_names, "counts": self.counts}
 
     @classmethod
-    def from_state(cls, state: dict) -> "Split":
+    def from_state(cls, state: dict) -> Split:
         return cls(state["images"], list(state["class_names"]), state["counts"])
 
 
@@ -77,7 +77,7 @@ class FewShotDataset:
         }
 
     @classmethod
-    def from_state(cls, state: dict) -> "FewShotDataset":
+    def from_state(cls, state: dict) -> FewShotDataset:
         return cls(
             state["name"],
             {k: Split.from_state(v) for k, v in state["splits"].items()},

@@ -87,7 +87,7 @@ def norm_statistics(model: nn.Module, mode: str, support_size: int = 0, tasks: i
     try:
         yield
     finally:
-        for m, state in zip(layers, saved):
+        for m, state in zip(layers, saved, strict=True):
             m.stats_mode, m.support_size, m.tasks = state
 
 
