@@ -100,8 +100,15 @@ def _init_params(node: DictConfig) -> set[str]:
 
     from hydra._internal.utils import _locate
 
-    target = _locate(node._target_)
-    return set(inspect.signature(target).parameters)
+    names: set[str] = set()
+    for cls in _locate(node._target_).__mro__:  # a subclass taking **kwargs passes them on to its base
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(cls.__init__).parameters
+        names |= {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    return names
 
 
 def build_optimizer(algorithm: Algorithm, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:

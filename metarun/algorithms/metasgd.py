@@ -20,22 +20,12 @@ from metarun.algorithms.maml import MAML
 class MetaSGD(MAML):
     default_bn_mode = "transductive"
 
-    def __init__(
-        self,
-        backbone,
-        ways: int,
-        inner_lr: float = 0.4,
-        inner_steps: int = 1,
-        inner_steps_eval: int = 3,
-        first_order: bool = False,
-        task_kind: str = "classification",
-        strategy: str = "auto",
-        chunk_size: int | None = None,
-    ) -> None:
-        super().__init__(backbone, ways, inner_lr, inner_steps, inner_steps_eval, first_order, task_kind, strategy, chunk_size)
+    def __init__(self, backbone, ways: int, **maml_options) -> None:
+        """Takes MAML's options; ``inner_lr`` is where every per-weight rate starts."""
+        super().__init__(backbone, ways, **maml_options)
         model = super().meta_parameters()
         self.names = [("backbone", k) for k in model["backbone"]] + [("head", k) for k in model["head"]]
-        self.lrs = nn.ParameterList([nn.Parameter(torch.full_like(model[g][k].detach(), inner_lr)) for g, k in self.names])
+        self.lrs = nn.ParameterList([nn.Parameter(torch.full_like(model[g][k].detach(), self.inner_lr)) for g, k in self.names])
 
     def meta_parameters(self) -> Params:
         params = super().meta_parameters()
