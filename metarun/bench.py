@@ -207,7 +207,9 @@ def random_dataset(shape: Shape, name: str) -> FewShotDataset:
         return Split(images, [f"c{i}" for i in range(classes)])
 
     c = shape.image[0]
-    return FewShotDataset(name, {"train": split(shape.train_classes), "val": split(20), "test": split(20)}, (0.5,) * c, (0.25,) * c)
+    return FewShotDataset(
+        name, {"train": split(shape.train_classes), "val": split(20), "test": split(20)}, (0.5,) * c, (0.25,) * c
+    )
 
 
 def compose_run_config(algo: str, shape: Shape):
@@ -252,7 +254,18 @@ class Row:
     gflop_per_s: float | None = None
 
 
-def make_row(name: str, metric: str, shape: str, value: float, reference: str, reference_value: float, fast: Timing, slow: Timing, settings: str, gflop_per_s: float | None = None) -> Row:
+def make_row(
+    name: str,
+    metric: str,
+    shape: str,
+    value: float,
+    reference: str,
+    reference_value: float,
+    fast: Timing,
+    slow: Timing,
+    settings: str,
+    gflop_per_s: float | None = None,
+) -> Row:
     ratio = value / reference_value
     goal = target(name, metric, shape)
     met = None if goal is None else (ratio >= goal[1] if goal[0] == ">=" else ratio < goal[1])
@@ -280,30 +293,63 @@ class Bench:
 
     def sampler(self, shape: Shape, split: str, settings: Settings, queries: int | None = None) -> EpisodeSampler:
         q = shape.queries if queries is None else queries
-        return build_sampler(self.dataset(shape), split, shape.ways, shape.shots, q, 0, self.device, channels_last=settings.channels_last)
+        return build_sampler(
+            self.dataset(shape), split, shape.ways, shape.shots, q, 0, self.device, channels_last=settings.channels_last
+        )
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
         note = f"  {row.gflop_per_s:.1f} GFLOP/s" if row.gflop_per_s else ""
-        self.console.print(f"  {row.name:9s} {row.shape:21s} {row.metric:20s} {row.value:10.2f}  ×{row.ratio:.2f} vs {row.reference}{note}", highlight=False)
+        self.console.print(
+            f"  {row.name:9s} {row.shape:21s} {row.metric:20s} {row.value:10.2f}  ×{row.ratio:.2f} vs {row.reference}{note}",
+            highlight=False,
+        )
 
     # -- the episode engine -----------------------------------------------------------------
     def bench_sampler(self, shape: Shape) -> None:
         split, ds = self.dataset(shape).splits["train"], self.dataset(shape)
         engine = self.sampler(shape, "train", Settings())
         t = shape.meta_batch
-        loaders = {w: ref.DataLoaderEpisodes(split, ds.mean, ds.std, shape.ways, shape.shots, shape.queries, workers=w) for w in (0, 2)}
-        paths = {"engine": lambda: engine.sample(t)} | {f"dataloader(workers={w})": (lambda loader=loader: loader.sample(t)) for w, loader in loaders.items()}
+        loaders = {
+            w: ref.DataLoaderEpisodes(split, ds.mean, ds.std, shape.ways, shape.shots, shape.queries, workers=w) for w in (0, 2)
+        }
+        paths = {"engine": lambda: engine.sample(t)} | {
+            f"dataloader(workers={w})": (lambda loader=loader: loader.sample(t)) for w, loader in loaders.items()
+        }
         timing = measure(paths, self.repeats, self.warmup, torch.device("cpu") if self.device.type == "cpu" else self.device)
         best = min((k for k in timing if k != "engine"), key=lambda k: timing[k].seconds)
         fast, slow = timing["engine"], timing[best]
-        self.add(make_row("sampler", "episodes_per_s", shape.name, t / fast.seconds, best, t / slow.seconds, fast, slow, f"device={self.device.type}"))
+        self.add(
+            make_row(
+                "sampler",
+                "episodes_per_s",
+                shape.name,
+                t / fast.seconds,
+                best,
+                t / slow.seconds,
+                fast,
+                slow,
+                f"device={self.device.type}",
+            )
+        )
         self.sample_seconds[shape.name] = fast
 
     def bench_sampler_share(self, shape: Shape) -> None:
         """Sampling a meta-batch as a fraction of the ProtoNet meta-step that consumes it (both timed above)."""
         fast, step = self.sample_seconds[shape.name], self.protonet_step[shape.name]
-        self.add(make_row("sampler", "share_of_protonet_step", shape.name, fast.seconds, "protonet_step", step.seconds, fast, step, f"device={self.device.type}"))
+        self.add(
+            make_row(
+                "sampler",
+                "share_of_protonet_step",
+                shape.name,
+                fast.seconds,
+                "protonet_step",
+                step.seconds,
+                fast,
+                step,
+                f"device={self.device.type}",
+            )
+        )
 
     # -- meta-training ---------------------------------------------------------------------------
     def bench_train(self, name: str, shape: Shape, settings: Settings) -> None:
@@ -346,7 +392,19 @@ class Bench:
         timing = measure({"fast": fast, "reference": slow}, self.repeats, self.warmup, self.device)
         f, s = timing["fast"], timing["reference"]
         if name == "finetune":
-            self.add(make_row(name, "images_per_s", shape.name, images / f.seconds, "eager_fp32_step", images / s.seconds, f, s, settings.describe()))
+            self.add(
+                make_row(
+                    name,
+                    "images_per_s",
+                    shape.name,
+                    images / f.seconds,
+                    "eager_fp32_step",
+                    images / s.seconds,
+                    f,
+                    s,
+                    settings.describe(),
+                )
+            )
             return
         gflops = None
         if name == "protonet":
@@ -386,7 +444,20 @@ class Bench:
         gflops = None
         if name == "protonet":
             gflops = flops(fast) / f.seconds / 1e9
-        self.add(make_row(name, "eval_episodes_per_s", shape.name, n / f.seconds, "one_episode_loop", n / s.seconds, f, s, f"{settings.describe()}, batch_tasks={batch_tasks}", gflops))
+        self.add(
+            make_row(
+                name,
+                "eval_episodes_per_s",
+                shape.name,
+                n / f.seconds,
+                "one_episode_loop",
+                n / s.seconds,
+                f,
+                s,
+                f"{settings.describe()}, batch_tasks={batch_tasks}",
+                gflops,
+            )
+        )
 
 
 # -- reporting ----------------------------------------------------------------------------------
@@ -420,7 +491,19 @@ def machine_info(device: torch.device) -> dict:
 
 def results_table(rows: list[Row]) -> Table:
     table = Table(title="metarun bench (ratio = value / reference value, both measured in this run)")
-    for col in ("name", "shape", "metric", "value", "reference", "ref. value", "ratio", "target", "peak MB", "ref. peak MB", "settings"):
+    for col in (
+        "name",
+        "shape",
+        "metric",
+        "value",
+        "reference",
+        "ref. value",
+        "ratio",
+        "target",
+        "peak MB",
+        "ref. peak MB",
+        "settings",
+    ):
         table.add_column(col, justify="left" if col in ("name", "shape", "metric", "reference", "settings") else "right")
     for r in rows:
         met = "" if r.met is None else (" ✓" if r.met else " ✗")
@@ -428,7 +511,19 @@ def results_table(rows: list[Row]) -> Table:
         ref_value = f"{r.reference_value:.3f} s" if r.metric == "share_of_protonet_step" else f"{r.reference_value:.1f}"
         if r.gflop_per_s:
             value += f" ({r.gflop_per_s:.0f} GFLOP/s)"
-        table.add_row(r.name, r.shape, r.metric, value, r.reference, ref_value, f"{r.ratio:.3g}", (r.target or "") + met, f"{r.peak_mem_mb:.0f}", f"{r.reference_peak_mem_mb:.0f}", r.settings)
+        table.add_row(
+            r.name,
+            r.shape,
+            r.metric,
+            value,
+            r.reference,
+            ref_value,
+            f"{r.ratio:.3g}",
+            (r.target or "") + met,
+            f"{r.peak_mem_mb:.0f}",
+            f"{r.reference_peak_mem_mb:.0f}",
+            r.settings,
+        )
     return table
 
 
@@ -457,7 +552,9 @@ def markdown(machine: dict, rows: list[Row], notes: list[str]) -> str:
 # -- the command ------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="metarun bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a run of about a minute: smaller meta-batches, fewer shapes and repeats")
+    ap.add_argument(
+        "--quick", action="store_true", help="a run of about a minute: smaller meta-batches, fewer shapes and repeats"
+    )
     ap.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.md (default: outputs/bench)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
@@ -483,9 +580,15 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if quick else 3)
     bench = Bench(device, repeats, warmup=1, eval_episodes=32 if quick else 600, console=console)
     shapes = dict(SHAPES)
-    if quick:  # fewer tasks per meta-step; per-task throughput barely depends on it
-        shapes = {k: replace(s, meta_batch=max(2, s.meta_batch // 4)) for k, s in shapes.items() if k in (OMNIGLOT.name, "omniglot-5w1s1q")}
-    console.print(f"[bold]metarun bench[/]{' --quick' if quick else ''}: {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, {device}")
+    if quick:  # fewer tasks per meta-step where tasks are large; the MAML paper's small tasks keep the targets' 32
+        shapes = {
+            k: replace(s, meta_batch=max(2, s.meta_batch // 4)) if s.queries > 1 else s
+            for k, s in shapes.items()
+            if k in (OMNIGLOT.name, "omniglot-5w1s1q")
+        }
+    console.print(
+        f"[bold]metarun bench[/]{' --quick' if quick else ''}: {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, {device}"
+    )
     t0 = time.perf_counter()
     if "sampler" in wanted:
         for shape in shapes.values():
@@ -511,7 +614,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine | {"quick": quick, "repeats": repeats}, "results": [asdict(r) for r in bench.rows], "notes": notes}
+    payload = {
+        "machine": machine | {"quick": quick, "repeats": repeats},
+        "results": [asdict(r) for r in bench.rows],
+        "notes": notes,
+    }
     (out / "bench.json").write_text(json.dumps(payload, indent=1))
     (out / "bench.md").write_text(markdown(machine, bench.rows, notes))
     console.print(results_table(bench.rows))

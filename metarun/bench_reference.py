@@ -61,7 +61,11 @@ class EpisodeBatchSampler:
     def __iter__(self):
         for _ in range(self.episodes):
             classes = torch.randperm(self.num_classes, generator=self.generator)[: self.ways]
-            yield [int(c) * self.per_class + int(i) for c in classes for i in torch.randperm(self.per_class, generator=self.generator)[: self.k]]
+            yield [
+                int(c) * self.per_class + int(i)
+                for c in classes
+                for i in torch.randperm(self.per_class, generator=self.generator)[: self.k]
+            ]
 
 
 def collate_episode(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +78,13 @@ class DataLoaderEpisodes:
     def __init__(self, split: Split, mean, std, ways: int, shots: int, queries: int, seed: int = 0, workers: int = 0) -> None:
         self.ways, self.shots, self.queries = ways, shots, queries
         sampler = EpisodeBatchSampler(split.images.shape[0], split.images.shape[1], ways, shots, queries, 10**9, seed)
-        loader = DataLoader(ImageDataset(split, mean, std), batch_sampler=sampler, collate_fn=collate_episode, num_workers=workers, persistent_workers=workers > 0)
+        loader = DataLoader(
+            ImageDataset(split, mean, std),
+            batch_sampler=sampler,
+            collate_fn=collate_episode,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
         self.iterator = iter(loader)
 
     def episode(self) -> Episode:
@@ -175,7 +185,9 @@ class MAMLReference:
         """The fast weights after ``steps`` inner SGD steps on ``(xs, ys)``."""
         fast = dict(params)
         if self.head_only:
-            feats = functional_call(self.model.backbone, {k[9:]: v for k, v in params.items() if k.startswith("backbone.")}, (xs,))
+            feats = functional_call(
+                self.model.backbone, {k[9:]: v for k, v in params.items() if k.startswith("backbone.")}, (xs,)
+            )
         for _ in range(steps):
             if self.head_only:
                 out = F.linear(feats, fast["head.weight"], fast["head.bias"])

@@ -77,7 +77,9 @@ def load_checkpoint(path: str | Path, prefer: str = "best.pt") -> dict:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as ex:
-        raise CheckpointError(f"checkpoint {p} is unreadable or truncated ({type(ex).__name__}): use another checkpoint of the run") from None
+        raise CheckpointError(
+            f"checkpoint {p} is unreadable or truncated ({type(ex).__name__}): use another checkpoint of the run"
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{p} is not a metarun checkpoint")
     if ckpt.get("format") != FORMAT:

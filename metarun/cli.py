@@ -99,7 +99,11 @@ def unknown_key(ex: BaseException) -> MetarunError | None:
 
     cause = ex.__cause__
     match = re.match(r"Could not override '([^']+)'", str(ex))
-    if match is None or not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not dataclasses.is_dataclass(cause.object_type):
+    if (
+        match is None
+        or not isinstance(cause, (ConfigAttributeError, ConfigKeyError))
+        or not dataclasses.is_dataclass(cause.object_type)
+    ):
         return None
     key = cause.full_key if "." in cause.full_key or cause.full_key == match[1] else f"{match[1]}.{cause.full_key}"
     return named(key, cause.object_type)

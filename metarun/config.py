@@ -160,7 +160,7 @@ class MAMLConfig:
     #: drop the second-order terms (FOMAML)
     first_order: bool = False
     #: auto | vmap | loop: how the tasks of a batch run (auto: by task size, see metarun/algorithms/functional.py)
-    strategy: str = choice("auto", "vmap", "loop")
+    strategy: str = choice("auto", "grouped", "vmap", "loop")
     #: with vmap, this many tasks at a time (null: all at once), to bound memory
     chunk_size: Optional[int] = None
 
@@ -185,7 +185,7 @@ class ReptileConfig:
     inner_optimizer: str = choice("adam", "sgd")
     #: samples per inner step, cycling through each task's support + query (null: all of them)
     inner_batch: Optional[int] = None
-    strategy: str = choice("auto", "vmap", "loop")
+    strategy: str = choice("auto", "grouped", "vmap", "loop")
     chunk_size: Optional[int] = None
 
 

@@ -47,7 +47,9 @@ def resolve_bn_mode(algorithm: Algorithm, bn_mode: str | None) -> str:
     return mode
 
 
-def score_episodes(algorithm: Algorithm, sampler, episodes: int, seed: int, batch_tasks: int, bn_mode: str, desc: str = "") -> np.ndarray:
+def score_episodes(
+    algorithm: Algorithm, sampler, episodes: int, seed: int, batch_tasks: int, bn_mode: str, desc: str = ""
+) -> np.ndarray:
     """Per-episode scores of ``episodes`` seeded tasks, evaluated ``batch_tasks`` at a time."""
     indices = fixed_episodes(sampler, episodes, seed)
     was_training = algorithm.training
@@ -64,19 +66,41 @@ def score_episodes(algorithm: Algorithm, sampler, episodes: int, seed: int, batc
     return torch.cat(scores).numpy()
 
 
-def evaluate_settings(algorithm: Algorithm, make_sampler, settings, queries: int, episodes: int, seed: int, batch_tasks: int, bn_mode: str) -> list[dict]:
+def evaluate_settings(
+    algorithm: Algorithm, make_sampler, settings, queries: int, episodes: int, seed: int, batch_tasks: int, bn_mode: str
+) -> list[dict]:
     """Every ``{ways, shots}`` setting on its own seeded episodes."""
     results = []
     for s in settings:
         sampler = make_sampler(s["ways"], s["shots"], queries)
-        scores = score_episodes(algorithm, sampler, episodes, setting_seed(seed, s["ways"], s["shots"]), batch_tasks, bn_mode, f"{s['ways']}-way {s['shots']}-shot")
+        scores = score_episodes(
+            algorithm,
+            sampler,
+            episodes,
+            setting_seed(seed, s["ways"], s["shots"]),
+            batch_tasks,
+            bn_mode,
+            f"{s['ways']}-way {s['shots']}-shot",
+        )
         mean, ci = mean_ci95(scores)
         key = "accuracy" if algorithm.score == "accuracy" else algorithm.score
-        results.append({"ways": s["ways"], "shots": s["shots"], "queries": queries, "episodes": episodes, key: mean, "ci95": ci, "per_episode": scores.tolist()})
+        results.append(
+            {
+                "ways": s["ways"],
+                "shots": s["shots"],
+                "queries": queries,
+                "episodes": episodes,
+                key: mean,
+                "ci95": ci,
+                "per_episode": scores.tolist(),
+            }
+        )
     return results
 
 
-def evaluate_omniglot_runs(algorithm: Algorithm, runs_path: str, image_size: int, mean: tuple, std: tuple, device: torch.device, bn_mode: str) -> list[dict]:
+def evaluate_omniglot_runs(
+    algorithm: Algorithm, runs_path: str, image_size: int, mean: tuple, std: tuple, device: torch.device, bn_mode: str
+) -> list[dict]:
     """Omniglot's official one-shot runs: error per run, mean ± 95% CI."""
     from metarun.data.omniglot_runs import load_runs
 
@@ -94,7 +118,9 @@ def evaluate_omniglot_runs(algorithm: Algorithm, runs_path: str, image_size: int
         for run in runs:
             ways = run.support.shape[0]
             support_x = prep(run.support.flatten(0, 1))[None]
-            episode = Episode(support_x, torch.arange(ways, device=device)[None], prep(run.query)[None], run.query_labels.to(device)[None], ways)
+            episode = Episode(
+                support_x, torch.arange(ways, device=device)[None], prep(run.query)[None], run.query_labels.to(device)[None], ways
+            )
             errors.append(1.0 - float(algorithm.evaluate(episode, bn_mode)[0]))
     finally:
         algorithm.train(was_training)
@@ -109,17 +135,33 @@ def results_table(results: list[dict], title: str) -> Table:
         table.add_column(col, justify="right" if col != "setting" else "left")
     for r in results:
         if "error" in r:
-            table.add_row(f"{r['ways']}-way {r['shots']}-shot (runs)", f"{100 * r['error']:.2f}% error", f"{100 * r['ci95']:.2f}", str(r["runs"]))
+            table.add_row(
+                f"{r['ways']}-way {r['shots']}-shot (runs)",
+                f"{100 * r['error']:.2f}% error",
+                f"{100 * r['ci95']:.2f}",
+                str(r["runs"]),
+            )
         elif "accuracy" in r:
-            table.add_row(f"{r['ways']}-way {r['shots']}-shot", f"{100 * r['accuracy']:.2f}%", f"{100 * r['ci95']:.2f}", str(r["episodes"]))
+            table.add_row(
+                f"{r['ways']}-way {r['shots']}-shot", f"{100 * r['accuracy']:.2f}%", f"{100 * r['ci95']:.2f}", str(r["episodes"])
+            )
         else:
             key = next(k for k in r if k not in ("ways", "shots", "queries", "episodes", "ci95", "per_episode"))
             table.add_row(f"{r['shots']}-shot", f"{r[key]:.4f} {key}", f"{r['ci95']:.4f}", str(r["episodes"]))
     return table
 
 
-def write_eval_json(path: Path, checkpoint: Path, dataset: str, protocol: str, split: str, bn_mode: str, results: list[dict]) -> None:
-    payload = {"split": split, "checkpoint": str(checkpoint), "dataset": dataset, "protocol": protocol, "bn_mode": bn_mode, "results": results}
+def write_eval_json(
+    path: Path, checkpoint: Path, dataset: str, protocol: str, split: str, bn_mode: str, results: list[dict]
+) -> None:
+    payload = {
+        "split": split,
+        "checkpoint": str(checkpoint),
+        "dataset": dataset,
+        "protocol": protocol,
+        "bn_mode": bn_mode,
+        "results": results,
+    }
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(path)
@@ -139,7 +181,36 @@ def check_settings(dataset, eval_cfg: DictConfig) -> None:
         check_episode(dataset.splits[eval_cfg.split], s.ways, s.shots, eval_cfg.queries, eval_cfg.split, keys)
 
 
-def run_evaluation(cfg: DictConfig, eval_cfg: DictConfig, checkpoint: Path, device: torch.device, run_dir: Path, logger=None, console: Console | None = None) -> list[dict]:
+def servable_settings(algorithm: Algorithm, settings: list[dict], console: Console) -> list[dict]:
+    """The settings the model can be evaluated at: a MAML-family head has a fixed number of outputs, so
+    other ways are skipped with a note (a dataset's default settings may list 5- and 20-way tasks)."""
+    if not algorithm.fixed_ways:
+        return settings
+    kept = [s for s in settings if s["ways"] == algorithm.ways]
+    skipped = sorted({s["ways"] for s in settings} - {algorithm.ways})
+    if not kept:
+        raise ConfigError(
+            f"eval.settings: {type(algorithm).__name__}'s head has {algorithm.ways} outputs, so it evaluates {algorithm.ways}-way tasks only"
+        )
+    if skipped:
+        ways = ", ".join(f"{w}-way" for w in skipped)
+        console.print(
+            f"note: {type(algorithm).__name__}'s head has {algorithm.ways} outputs; skipping the {ways} settings",
+            markup=False,
+            highlight=False,
+        )
+    return kept
+
+
+def run_evaluation(
+    cfg: DictConfig,
+    eval_cfg: DictConfig,
+    checkpoint: Path,
+    device: torch.device,
+    run_dir: Path,
+    logger=None,
+    console: Console | None = None,
+) -> list[dict]:
     """Rebuilds the model of a checkpoint's run, evaluates it and writes ``eval.json`` into ``run_dir``."""
     from metarun.checkpoint import load_checkpoint, load_model_state
     from metarun.factory import build_algorithm, build_dataset, build_sampler
@@ -156,12 +227,14 @@ def run_evaluation(cfg: DictConfig, eval_cfg: DictConfig, checkpoint: Path, devi
         image_size = cfg.dataset.get("image_size", dataset.image_shape[-1])
         results = evaluate_omniglot_runs(algorithm, eval_cfg.runs_path, image_size, dataset.mean, dataset.std, device, bn_mode)
     else:
-        settings = OmegaConf.to_container(eval_cfg.settings, resolve=True)
+        settings = servable_settings(algorithm, OmegaConf.to_container(eval_cfg.settings, resolve=True), console)
 
         def make_sampler(ways, shots, queries):
             return build_sampler(dataset, eval_cfg.split, ways, shots, queries, seed=0, device=device)
 
-        results = evaluate_settings(algorithm, make_sampler, settings, eval_cfg.queries, eval_cfg.episodes, eval_cfg.seed, eval_cfg.batch_tasks, bn_mode)
+        results = evaluate_settings(
+            algorithm, make_sampler, settings, eval_cfg.queries, eval_cfg.episodes, eval_cfg.seed, eval_cfg.batch_tasks, bn_mode
+        )
     console.print(f"evaluated {ckpt['path']}", soft_wrap=True, markup=False, highlight=False)
     console.print(results_table(results, f"{dataset.name} {eval_cfg.split} ({bn_mode} batch norm)"))
     write_eval_json(run_dir / "eval.json", ckpt["path"], dataset.name, eval_cfg.protocol, eval_cfg.split, bn_mode, results)

@@ -73,7 +73,11 @@ def load_run(path: Path, root: Path) -> Run:
     for r in payload["results"]:
         key, items = score_key(r), np.asarray(per_item(r), dtype=np.float64)
         known = seed is not None and dataset is not None
-        episodes_id = (dataset, payload["split"], payload["protocol"], r["ways"], r["shots"], r.get("queries"), len(items), seed) if known else None
+        episodes_id = (
+            (dataset, payload["split"], payload["protocol"], r["ways"], r["shots"], r.get("queries"), len(items), seed)
+            if known
+            else None
+        )
         run.scores[setting_name(r, payload["protocol"])] = Score(key, r[key], r["ci95"], items, episodes_id)
     return run
 
@@ -155,7 +159,9 @@ def diff_text(score: Score | None, is_best: bool) -> str:
     return f"{score.show(mean, '+')} ± {score.show(ci)}" + ("" if score.significant else " n.s.")
 
 
-def write_markdown(path: Path, title: str, header: list[str], body: list[list[str]], note: str, skipped: list[tuple[Path, str]]) -> None:
+def write_markdown(
+    path: Path, title: str, header: list[str], body: list[list[str]], note: str, skipped: list[tuple[Path, str]]
+) -> None:
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
     lines += ["", note]
@@ -205,7 +211,8 @@ def chart(title: str, runs: list[Run], best: Run, keys: list[str]):
     shown = leaves if len(set(leaves)) == len(leaves) else keys  # trainer.lr reads as lr unless two keys share a leaf
     pairs = ((run, labels_of(run, keys)) for run in runs)
     names = [
-        f"{BEST + ' ' if run is best else ''}{run.label}  " + (" ".join(f"{k}={v}" for k, v in zip(shown, values, strict=True)) if keys else values[0])
+        f"{BEST + ' ' if run is best else ''}{run.label}  "
+        + (" ".join(f"{k}={v}" for k, v in zip(shown, values, strict=True)) if keys else values[0])
         for run, values in pairs
     ]
     height = 1.6 + 0.38 * len(runs)

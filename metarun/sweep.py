@@ -144,5 +144,8 @@ class SweepSummary(Callback):
         for path in failed:
             swept = " ".join(f"{k}={v}" for k, v in overrides.get(path.parent, {}).items() if k in keys)
             console.print(f"  {path.parent}  {swept}: {path.read_text().splitlines()[0]}", soft_wrap=True)
-        print(f"error: {len(failed)} of {len(jobs)} sweep jobs failed (each job's traceback is in its {FAILURE_FILE})", file=sys.stderr)
+        print(
+            f"error: {len(failed)} of {len(jobs)} sweep jobs failed (each job's traceback is in its {FAILURE_FILE})",
+            file=sys.stderr,
+        )
         raise SystemExit(MetarunError.exit_code)

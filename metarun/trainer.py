@@ -69,7 +69,9 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
     dataset = build_dataset(cfg.dataset)
     if not hasattr(dataset, "sampler"):  # datasets that generate their tasks serve any episode
         check_episode(dataset.splits["train"], t.ways, t.shots, t.queries, "train", ("task.ways", "task.shots", "task.queries"))
-        check_episode(dataset.splits["val"], t.ways, t.shots, cfg.eval.queries, "val", ("task.ways", "task.shots", "eval.queries"))
+        check_episode(
+            dataset.splits["val"], t.ways, t.shots, cfg.eval.queries, "val", ("task.ways", "task.shots", "eval.queries")
+        )
     if cfg.eval.after_train:
         check_settings(dataset, cfg.eval)
     where = data_device(dataset, device, str(cfg.dataset.get("on_device", "auto")))
@@ -77,8 +79,12 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
     if tr.channels_last:
         algorithm = algorithm.to(memory_format=torch.channels_last)
     bn_mode = resolve_bn_mode(algorithm, cfg.eval.bn_mode)
-    train_sampler = build_sampler(dataset, "train", t.ways, t.shots, t.queries, tr.seed, device, cfg.dataset.get("augment", False), tr.channels_last, where)
-    val_sampler = build_sampler(dataset, "val", t.ways, t.shots, cfg.eval.queries, tr.seed, device, channels_last=tr.channels_last, data_device=where)
+    train_sampler = build_sampler(
+        dataset, "train", t.ways, t.shots, t.queries, tr.seed, device, cfg.dataset.get("augment", False), tr.channels_last, where
+    )
+    val_sampler = build_sampler(
+        dataset, "val", t.ways, t.shots, cfg.eval.queries, tr.seed, device, channels_last=tr.channels_last, data_device=where
+    )
     optimizer = build_optimizer(algorithm, tr.optimizer, tr.lr, tr.weight_decay)
     scheduler = build_scheduler(optimizer, tr.schedule, tr.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=tr.precision == "fp16")
@@ -97,9 +103,17 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
         set_rng_state(resume["rng"])
         step, best, saved_step = resume["step"], resume["best"], resume["step"]
         saved = resume.get("window", window)  # a checkpoint from before windows were saved starts a new one
-        window = {**saved, "sums": {k: v.to(device) for k, v in saved["sums"].items()}, "last_finite": saved["last_finite"].to(device)}
+        window = {
+            **saved,
+            "sums": {k: v.to(device) for k, v in saved["sums"].items()},
+            "last_finite": saved["last_finite"].to(device),
+        }
     ckpt_dir = run_dir / "checkpoints"
-    logger = build_logger(cfg.logger, run_dir, cfg, resume_step=step if resume else None, name=run_name, group=run_group) if topo.is_main else None
+    logger = (
+        build_logger(cfg.logger, run_dir, cfg, resume_step=step if resume else None, name=run_name, group=run_group)
+        if topo.is_main
+        else None
+    )
     better = (lambda a, b: a > b) if algorithm.score == "accuracy" else (lambda a, b: a < b)
 
     def checkpoint(name: str) -> None:
@@ -124,7 +138,11 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
     def stop_if_not_finite() -> None:
         """Called where the host waits anyway (log rows, validation, checkpoints), so a step never waits for it."""
         if tr.nan_policy == "stop" and int(bad_step):
-            kept = f"{ckpt_dir / 'last.pt'} from step {saved_step} is the last good checkpoint" if saved_step is not None else "no checkpoint was written before it"
+            kept = (
+                f"{ckpt_dir / 'last.pt'} from step {saved_step} is the last good checkpoint"
+                if saved_step is not None
+                else "no checkpoint was written before it"
+            )
             raise MetarunError(
                 f"loss is not finite at step {int(bad_step)} (last finite loss {float(window['last_finite']):.4g}); {kept}: "
                 "lower trainer.lr, or set trainer.nan_policy=skip to skip such steps"
@@ -132,7 +150,10 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
 
     # -- the loop ------------------------------------------------------------------
     if topo.is_main:
-        console.print(f"[bold]metarun train[/] → {run_dir}  ({algorithm.__class__.__name__}, {dataset.name}, {device}, {topo.world} process(es), eval.bn_mode={bn_mode})", soft_wrap=True)
+        console.print(
+            f"[bold]metarun train[/] → {run_dir}  ({algorithm.__class__.__name__}, {dataset.name}, {device}, {topo.world} process(es), eval.bn_mode={bn_mode})",
+            soft_wrap=True,
+        )
     bad_step = torch.zeros((), dtype=torch.long, device=device)  # the first step whose loss was not finite (0: none)
     window_start, window_done = time.perf_counter(), 0
     with StopRequest() as stop, TrainingProgress(tr.steps, step, enabled=tr.progress and topo.is_main) as bar:
@@ -141,7 +162,9 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
             with autocast(device, tr.precision):
                 loss, metrics = loss_fn(batch)
             finite = torch.isfinite(loss.detach())
-            if tr.nan_policy == "skip" and not bool(on_every_rank(finite, topo.world)):  # the one host sync per step that skipping costs
+            if tr.nan_policy == "skip" and not bool(
+                on_every_rank(finite, topo.world)
+            ):  # the one host sync per step that skipping costs
                 window["skipped"] += 1
             else:
                 optimizer.zero_grad(set_to_none=True)
@@ -179,7 +202,9 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
             if step % tr.val_every == 0 or step == tr.steps:
                 stop_if_not_finite()
                 if topo.is_main:
-                    scores = score_episodes(algorithm, val_sampler, tr.val_episodes, cfg.eval.seed + 1, cfg.eval.batch_tasks, bn_mode, "validation")
+                    scores = score_episodes(
+                        algorithm, val_sampler, tr.val_episodes, cfg.eval.seed + 1, cfg.eval.batch_tasks, bn_mode, "validation"
+                    )
                     val, ci = mean_ci95(scores)
                     is_best = best is None or better(val, best)
                     best = val if is_best else best
@@ -201,7 +226,12 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
         if logger:
             logger.close()
         if topo.is_main:
-            console.print(f"interrupted at step {step}/{tr.steps}; resume with: metarun train resume={run_dir}", soft_wrap=True, markup=False, highlight=False)
+            console.print(
+                f"interrupted at step {step}/{tr.steps}; resume with: metarun train resume={run_dir}",
+                soft_wrap=True,
+                markup=False,
+                highlight=False,
+            )
         shutdown()
         raise SystemExit(stop.exit_code)
 
@@ -233,7 +263,9 @@ def resumed_config(cfg: DictConfig, saved: dict) -> DictConfig:
         if key == "resume":
             continue
         new, old = _leaves(OmegaConf.select(cfg, key), key), _leaves(OmegaConf.select(run, key), key)
-        changed += [f"{k}={new.get(k)} (the run has {old.get(k)})" for k in sorted(new.keys() | old.keys()) if new.get(k) != old.get(k)]
+        changed += [
+            f"{k}={new.get(k)} (the run has {old.get(k)})" for k in sorted(new.keys() | old.keys()) if new.get(k) != old.get(k)
+        ]
     if changed:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise ConfigError(

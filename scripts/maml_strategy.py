@@ -1,10 +1,10 @@
-"""Times ``algo.strategy=vmap`` against ``loop`` for MAML on Conv4 (the measurement behind ``strategy=auto``).
+"""Times MAML's execution strategies (``algo.strategy``) on Conv4: the measurement behind ``strategy=auto``.
 
-    python scripts/maml_strategy.py [--tasks 32] [--repeats 3] [--threads 2]
+    python scripts/maml_strategy.py [--tasks 32] [--repeats 3] [--threads 2] [--strategies grouped,vmap,loop]
 
 Prints, per task shape, seconds per meta-step (training: meta-gradient and
 backward; evaluation: inner steps and query scores) for each strategy and
-the vmap/loop speed ratio (> 1: vmap faster). The two strategies are timed
+each one's speed relative to the loop (> 1: faster than the loop). The two strategies are timed
 interleaved and the best of ``--repeats`` is kept, which makes the ratio
 robust to other jobs on a shared machine; on a busy machine ``--threads 1
 --clock cpu`` (process time) measures the work itself.
@@ -64,12 +64,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shapes", default="1x1,1x3,1x7,1x15,5x5,5x15")
     ap.add_argument("--modes", default="second,first,eval")
-    ap.add_argument("--clock", choices=list(CLOCKS), default="wall", help="cpu: process time, robust to other jobs with --threads 1")
+    ap.add_argument("--strategies", default="grouped,vmap,loop")
+    ap.add_argument(
+        "--clock", choices=list(CLOCKS), default="wall", help="cpu: process time, robust to other jobs with --threads 1"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, Conv4-64 28x28, 5-way, {args.clock} time")
-    print(f"{'mode':7s} {'shots x queries':>15s} {'images/task':>11s} {'vmap s':>8s} {'loop s':>8s} {'vmap/loop speed':>15s}")
+    strategies = args.strategies.split(",")
+    if "loop" not in strategies:
+        strategies.append("loop")
+    heads = "".join(f"{s + ' s':>10s}" for s in strategies) + "".join(f"{s + '/loop':>14s}" for s in strategies if s != "loop")
+    print(f"{'mode':7s} {'shots x queries':>15s} {'images/task':>11s}{heads}")
     for mode in args.modes.split(","):
         for shape in args.shapes.split(","):
             shots, queries = map(int, shape.split("x"))
@@ -78,14 +85,16 @@ def main() -> None:
             ep = episode(tasks, 5, shots, queries)
             times = {}
             for _ in range(args.repeats):
-                for strategy in ("vmap", "loop"):
-                    algo.strategy = strategy
-                    times[strategy] = min(times.get(strategy, float("inf")), timed(partial(one_step, algo, ep, mode), 1, args.clock))
+                for strategy in strategies:
+                    algo.strategy, _, chunk = strategy.partition(":")
+                    algo.chunk_size = int(chunk) if chunk else None
+                    times[strategy] = min(
+                        times.get(strategy, float("inf")), timed(partial(one_step, algo, ep, mode), 1, args.clock)
+                    )
             images = 5 * (shots + queries)
-            print(
-                f"{mode:7s} {shape:>15s} {images:11d} {times['vmap']:8.3f} {times['loop']:8.3f} {times['loop'] / times['vmap']:15.2f}",
-                flush=True,
-            )
+            cells = "".join(f"{times[s]:10.3f}" for s in strategies)
+            speed = "".join(f"{times['loop'] / times[s]:14.2f}" for s in strategies if s != "loop")
+            print(f"{mode:7s} {shape:>15s} {images:11d}{cells}{speed}", flush=True)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess (``python -m metarun``), as a user runs it; ``patches``: see tests/helpers/patched_cli.py."""
     module = ["metarun"] if patches is None else ["tests.helpers.patched_cli", json.dumps(patches)]
-    return subprocess.run([sys.executable, "-m", *module, *args], cwd=cwd or REPO, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *module, *args], cwd=cwd or REPO, env=cli_env(env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def cli_env(env: dict | None = None) -> dict:

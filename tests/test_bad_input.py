@@ -102,16 +102,23 @@ TRAIN_CASES = {
     "dataset too small": Case(["dataset.num_classes=20"], 2, ("num_classes=20 must exceed",)),
     # impossible episodes, for training and for evaluation, before any training work
     "too many ways": Case(["task.ways=50"], 2, ("task.ways=50 but the train split has only 45 classes: lower task.ways",)),
-    "too many shots": Case(["task.shots=16"], 2, ("task.shots + task.queries = 16 + 5 = 21", "only 20 images", "lower task.shots or task.queries")),
+    "too many shots": Case(
+        ["task.shots=16"], 2, ("task.shots + task.queries = 16 + 5 = 21", "only 20 images", "lower task.shots or task.queries")
+    ),
     "zero queries": Case(["task.queries=0"], 2, ("task.queries=0: must be at least 1",)),
     "zero meta-batch": Case(["task.meta_batch=0"], 2, ("task.meta_batch=0: must be at least 1",)),
     "validation queries": Case(["eval.queries=20"], 2, ("task.shots + eval.queries = 1 + 20", "the val split")),
     "eval ways": Case(
-        ["eval.settings=[{ways:5,shots:1},{ways:30,shots:1}]"], 2,
-        ("eval.settings[1].ways=30 but the test split has only 20 classes",), check=no_training_happened,
+        ["eval.settings=[{ways:5,shots:1},{ways:30,shots:1}]"],
+        2,
+        ("eval.settings[1].ways=30 but the test split has only 20 classes",),
+        check=no_training_happened,
     ),
     "eval shots": Case(
-        ["eval.settings=[{ways:5,shots:16}]"], 2, ("eval.settings[0].shots + eval.queries = 16 + 5", "the test split"), check=no_training_happened
+        ["eval.settings=[{ways:5,shots:16}]"],
+        2,
+        ("eval.settings[0].shots + eval.queries = 16 + 5", "the test split"),
+        check=no_training_happened,
     ),
     "eval zero ways": Case(["eval.settings=[{ways:0,shots:1}]"], 2, ("eval.settings[0].ways=0: must be at least 1",)),
     # devices the machine lacks
@@ -121,10 +128,16 @@ TRAIN_CASES = {
     "data missing, download off": Case(
         [*FULL_SUBSET, "dataset.download=false"], 1, (f"{FULL[0]} missing: put {FULL[0]} in", "(or set dataset.download=true)")
     ),
-    "no network": Case(FULL_SUBSET, 1, ("cannot download http://127.0.0.1:", "after 4 attempts", f"put {FULL[0]} in"), prepare=offline),
-    "md5 mismatch": Case(OMNIGLOT, 1, (f"{SMALL[0]} has md5", f"expected {omniglot.MD5[SMALL[0]]}", "moved aside"), junk_zips, moved_aside),
+    "no network": Case(
+        FULL_SUBSET, 1, ("cannot download http://127.0.0.1:", "after 4 attempts", f"put {FULL[0]} in"), prepare=offline
+    ),
+    "md5 mismatch": Case(
+        OMNIGLOT, 1, (f"{SMALL[0]} has md5", f"expected {omniglot.MD5[SMALL[0]]}", "moved aside"), junk_zips, moved_aside
+    ),
     "corrupt zip": Case(OMNIGLOT, 1, (f"{SMALL[0]} is not a readable zip", "download it again"), prepare=corrupt_zips),
-    "unreadable image": Case(OMNIGLOT, 1, (f"{SMALL[1]}: cannot read", "Beta/character99/9999_01.png"), prepare=zips_with_bad_image),
+    "unreadable image": Case(
+        OMNIGLOT, 1, (f"{SMALL[1]}: cannot read", "Beta/character99/9999_01.png"), prepare=zips_with_bad_image
+    ),
 }
 if not torch.cuda.is_available():
     TRAIN_CASES["no cuda"] = Case(["device=cuda"], 2, ("device=cuda but no CUDA GPU", "use device=cpu or device=auto"))
@@ -149,10 +162,18 @@ def test_download_cut_half_way_keeps_only_a_partial_file_then_resumes(tmp_path, 
     served.mkdir()
     md5 = {name: write_zip(served / name, {"Alpha": 3}) for name in FULL}
     root = tmp_path / "data"
-    args = [o for o in tiny if not o.startswith("dataset.")] + [*FULL_SUBSET, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}"]
-    with LocalHTTPServer(files={f"/omniglot/{n}": (served / n).read_bytes() for n in FULL}, cut={f"/omniglot/{FULL[0]}": 4}) as server:
+    args = [o for o in tiny if not o.startswith("dataset.")] + [
+        *FULL_SUBSET,
+        f"dataset.root={root}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    with LocalHTTPServer(
+        files={f"/omniglot/{n}": (served / n).read_bytes() for n in FULL}, cut={f"/omniglot/{FULL[0]}": 4}
+    ) as server:
         patches = {"metarun.data.omniglot:BASE_URL": f"{server.url}/omniglot", "metarun.data.omniglot:MD5": md5, **NO_BACKOFF}
-        check_one_line(run_cli("train", *args, patches=patches), 1, f"cannot download {server.url}/omniglot/{FULL[0]} after 4 attempts")
+        check_one_line(
+            run_cli("train", *args, patches=patches), 1, f"cannot download {server.url}/omniglot/{FULL[0]} after 4 attempts"
+        )
         assert not (root / FULL[0]).exists() and (root / f"{FULL[0]}.part").stat().st_size > 0
 
         out = run_cli("train", *args, patches=patches)
@@ -190,17 +211,30 @@ CHECKPOINT_CASES = {
     "eval: missing": (["eval", "checkpoint={damaged}/nope.pt"], 1, ("nope.pt does not exist", "give a run folder or a .pt file")),
     "eval: not a run folder": (["eval", "checkpoint={damaged}"], 1, ("no checkpoint in", "is this a metarun run folder?")),
     "eval: truncated": (["eval", "checkpoint={damaged}/truncated.pt"], 1, ("unreadable or truncated", "use another checkpoint")),
-    "eval: another format": (["eval", "checkpoint={damaged}/old.pt"], 1, ("written by metarun 0.0.1 in checkpoint format 0", "use metarun 0.0.1")),
-    "eval: another model": (["eval", "checkpoint={damaged}/other-model.pt"], 1, ("does not match the model", "shape mismatch: backbone.")),
+    "eval: another format": (
+        ["eval", "checkpoint={damaged}/old.pt"],
+        1,
+        ("written by metarun 0.0.1 in checkpoint format 0", "use metarun 0.0.1"),
+    ),
+    "eval: another model": (
+        ["eval", "checkpoint={damaged}/other-model.pt"],
+        1,
+        ("does not match the model", "shape mismatch: backbone."),
+    ),
     "eval: not metarun's": (["eval", "checkpoint={damaged}/foreign.pt"], 1, ("is not a metarun checkpoint",)),
-    "eval: impossible setting": (["eval", "checkpoint={run}", "eval.settings=[{{ways:30,shots:1}}]"], 2, ("eval.settings[0].ways=30",)),
+    "eval: impossible setting": (
+        ["eval", "checkpoint={run}", "eval.settings=[{{ways:30,shots:1}}]"],
+        2,
+        ("eval.settings[0].ways=30",),
+    ),
     "eval: bad value": (["eval", "checkpoint={run}", "eval.batch_tasks=0"], 2, ("eval.batch_tasks=0: must be at least 1",)),
     "resume: missing": (["train", "resume={damaged}/nope"], 1, ("nope does not exist",)),
     "resume: truncated": (["train", "resume={damaged}/truncated.pt"], 1, ("unreadable or truncated",)),
     "resume: another format": (["train", "resume={damaged}/old.pt"], 1, ("checkpoint format 0",)),
     "resume: another model": (["train", "resume={damaged}/other-model.pt"], 1, ("does not match the model", "backbone.")),
     "resume: changed config": (
-        ["train", "resume={run}", "backbone.hidden=32", "trainer.steps=2"], 2,
+        ["train", "resume={run}", "backbone.hidden=32", "trainer.steps=2"],
+        2,
         ("backbone.hidden=32 (the run has 16)", "drop these overrides, or start a new run"),
     ),
 }

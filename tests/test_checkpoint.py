@@ -52,7 +52,9 @@ def test_full_disk_during_training_is_one_error_and_the_last_checkpoint_loads(tm
 
 
 def test_keep_checkpoints_bounds_the_step_checkpoints(tmp_path, compose_config, tiny):
-    train(compose_config("train", [*tiny, "trainer.val_every=1", "trainer.keep_checkpoints=2", "eval.after_train=false"]), tmp_path)
+    train(
+        compose_config("train", [*tiny, "trainer.val_every=1", "trainer.keep_checkpoints=2", "eval.after_train=false"]), tmp_path
+    )
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "last.pt", "step-5.pt", "step-6.pt"]
 
 

@@ -36,7 +36,12 @@ def test_cfg_job_prints_the_composed_config():
     ],
 )
 def test_bad_input_is_one_line_and_a_nonzero_exit(overrides, code, needle, tiny):
-    out = run_cli("train", *[o for o in tiny if o.startswith("dataset.") and not any(x.startswith("dataset=") for x in overrides)], *overrides, "trainer.steps=1")
+    out = run_cli(
+        "train",
+        *[o for o in tiny if o.startswith("dataset.") and not any(x.startswith("dataset=") for x in overrides)],
+        *overrides,
+        "trainer.steps=1",
+    )
     assert out.returncode == code, out.stderr
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), out.stderr

@@ -41,3 +41,21 @@ def test_eval_repeats_the_runs_own_evaluation_and_applies_only_what_the_command_
     assert fewer.returncode == 0, fewer.stderr
     results = json.loads((run / "eval.json").read_text())["results"]
     assert [(r["ways"], r["shots"], r["episodes"]) for r in results] == [(3, 1, 4), (4, 2, 4)]
+
+
+def test_a_fixed_way_head_skips_other_ways_with_a_note(tmp_path, tiny):
+    """MAML's head has task.ways outputs; a dataset's default 5- and 20-way settings must not crash it."""
+    run = tmp_path / "run"
+    trained = run_cli(
+        "train", *tiny, "algo=fomaml", "task.ways=3", "task.meta_batch=2", "trainer.steps=2",
+        "eval.settings=[{ways:3,shots:1},{ways:5,shots:1}]", f"hydra.run.dir={run}",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    assert "skipping the 5-way settings" in trained.stdout + trained.stderr
+    results = json.loads((run / "eval.json").read_text())["results"]
+    assert [(r["ways"], r["shots"]) for r in results] == [(3, 1)]
+
+    none_left = run_cli(
+        "eval", f"checkpoint={run}", "eval.settings=[{ways:5,shots:1}]", "logger=none", f"hydra.run.dir={tmp_path / 'e'}"
+    )
+    assert none_left.returncode != 0 and "evaluates 3-way tasks only" in none_left.stderr

@@ -28,7 +28,9 @@ from metarun.config import SCHEMAS, TrainConfig
 from tests.conftest import REPO, run_cli
 
 CONF = REPO / "conf"
-GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONF.iterdir()) if d.is_dir() and not d.name.startswith("_")}
+GROUPS = {
+    d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONF.iterdir()) if d.is_dir() and not d.name.startswith("_")
+}
 DEFAULTS = {"dataset": "glyphs", "backbone": "conv4", "algo": "protonet"}
 JUNK = st.sampled_from(["", "abc", "-1", "1e999", "[1,2]", "{a:1}", "null", "${oops}", "x y", "'quoted'", "true"])
 
@@ -88,11 +90,23 @@ def command_lines(draw, run_time: bool = False) -> list[str]:
         if schema is not None:
             keys |= schema_keys(schema, f"{group}.")
     if run_time:  # real runs stay tiny, on the glyphs they have: only the keys that shape episodes and the loop
-        keys = {k: v for k, v in keys.items() if k.startswith(("task.", "eval.settings", "eval.queries", "trainer.nan_policy", "trainer.schedule", "trainer.optimizer"))}
+        keys = {
+            k: v
+            for k, v in keys.items()
+            if k.startswith(
+                ("task.", "eval.settings", "eval.queries", "trainer.nan_policy", "trainer.schedule", "trainer.optimizer")
+            )
+        }
     for key in draw(st.lists(st.sampled_from(sorted(keys)), max_size=5, unique=True)):
         overrides.append(f"{key}={draw(values(*keys[key]))}")
     if not run_time and draw(st.booleans()):
-        overrides.append(draw(st.sampled_from(["trainer.stepz=3", "+trainer.bogus=1", "~trainer", "task.ways", "=5", "task..ways=1", "dataset.root"])))
+        overrides.append(
+            draw(
+                st.sampled_from(
+                    ["trainer.stepz=3", "+trainer.bogus=1", "~trainer", "task.ways", "=5", "task..ways=1", "dataset.root"]
+                )
+            )
+        )
     return draw(st.permutations(overrides))
 
 

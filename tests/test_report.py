@@ -27,8 +27,25 @@ def make_run(folder: Path, overrides: list[str], scores: dict[str, np.ndarray], 
     for name, per in scores.items():
         ways, shots = (int(x) for x in name.rstrip("s").split("w"))
         mean, ci = mean_ci95(per)
-        results.append({"ways": ways, "shots": shots, "queries": 15, "episodes": len(per), key: mean, "ci95": ci, "per_episode": per.tolist()})
-    payload = {"split": "test", "checkpoint": str(folder / "checkpoints/best.pt"), "dataset": "glyphs", "protocol": "episodes", "bn_mode": "running", "results": results}
+        results.append(
+            {
+                "ways": ways,
+                "shots": shots,
+                "queries": 15,
+                "episodes": len(per),
+                key: mean,
+                "ci95": ci,
+                "per_episode": per.tolist(),
+            }
+        )
+    payload = {
+        "split": "test",
+        "checkpoint": str(folder / "checkpoints/best.pt"),
+        "dataset": "glyphs",
+        "protocol": "episodes",
+        "bn_mode": "running",
+        "results": results,
+    }
     (folder / "eval.json").write_text(json.dumps(payload))
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     config = {"dataset": {"_target_": "metarun.data.glyphs.load", "seed": 0}, "eval": {"seed": seed}}
@@ -45,7 +62,11 @@ def sweep(tmp_path) -> Path:
     """Job 1 is best; job 0 trails it by 0.1 on every episode; job 2 differs from it by noise only."""
     make_run(tmp_path / "0", ["experiment=smoke", "trainer.lr=0.001"], {k: v - 0.1 for k, v in BASE.items()})
     make_run(tmp_path / "1", ["experiment=smoke", "trainer.lr=0.003"], BASE)
-    make_run(tmp_path / "2", ["experiment=smoke", "trainer.lr=0.01"], {k: v + RNG.normal(0, 0.05, v.size) - 0.001 for k, v in BASE.items()})
+    make_run(
+        tmp_path / "2",
+        ["experiment=smoke", "trainer.lr=0.01"],
+        {k: v + RNG.normal(0, 0.05, v.size) - 0.001 for k, v in BASE.items()},
+    )
     return tmp_path
 
 

@@ -76,7 +76,9 @@ def test_stopped_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, a
     wait_for_step(process, run, 4)
     code, err = stop(process, signal.SIGTERM)
     assert code == 143, err
-    stopped = int(re.search(rf"interrupted at step (\d+)/{STEPS}; resume with: metarun train resume={re.escape(str(run))}\n", err)[1])
+    stopped = int(
+        re.search(rf"interrupted at step (\d+)/{STEPS}; resume with: metarun train resume={re.escape(str(run))}\n", err)[1]
+    )
     assert 4 <= stopped < STEPS and saved_step(run) == stopped
     assert "Traceback" not in err
 
@@ -92,7 +94,11 @@ def test_stopped_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, a
     eval_run, eval_reference = (json.loads((r / "eval.json").read_text())["results"] for r in (run, reference))
     assert eval_run == eval_reference
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names == sorted(p.name for p in (reference / "checkpoints").iterdir()) == ["best.pt", "last.pt", "step-35.pt", "step-40.pt"]
+    assert (
+        names
+        == sorted(p.name for p in (reference / "checkpoints").iterdir())
+        == ["best.pt", "last.pt", "step-35.pt", "step-40.pt"]
+    )
     for name in names:
         a, b = (torch.load(r / "checkpoints" / name, weights_only=False) for r in (run, reference))
         assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

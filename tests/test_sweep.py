@@ -27,7 +27,14 @@ def hydra_runtime(mode: RunMode, overrides: list[str]):
 
 def test_run_name_reads_like_the_command_and_the_group_is_the_sweep():
     cfg = OmegaConf.create({"task": {"ways": 5, "shots": 1}})
-    overrides = ["algo=maml", "trainer.lr=0.0012520653814999472", "algo.inner_steps=3", "task.shots=1", "hparams_search=maml_inner_lr", "logger.wandb.tags=[a]"]
+    overrides = [
+        "algo=maml",
+        "trainer.lr=0.0012520653814999472",
+        "algo.inner_steps=3",
+        "task.shots=1",
+        "hparams_search=maml_inner_lr",
+        "logger.wandb.tags=[a]",
+    ]
     name, group = run_labels(hydra_runtime(RunMode.MULTIRUN, overrides), cfg)
     assert (name, group) == ("maml-omniglot-5w1s lr=0.001252 inner_steps=3", "2026-11-23/11-05-42")
     assert run_labels(hydra_runtime(RunMode.RUN, []), cfg) == ("maml-omniglot-5w1s", None)
@@ -51,7 +58,14 @@ def job_folders(sweep: Path) -> list[Path]:
 def test_failed_job_is_reported_at_the_end_and_the_others_finish(tmp_path, tiny):
     sweep = tmp_path / "sweep"
     out = run_without_credentials(
-        "train", "-m", *with_default_logger(tiny), "trainer.optimizer=adam,sgd,bogus", f"hydra.sweep.dir={sweep}", home=tmp_path / "home", cwd=tmp_path, timeout=220
+        "train",
+        "-m",
+        *with_default_logger(tiny),
+        "trainer.optimizer=adam,sgd,bogus",
+        f"hydra.sweep.dir={sweep}",
+        home=tmp_path / "home",
+        cwd=tmp_path,
+        timeout=220,
     )
     assert out.returncode == 1, out.stderr
     assert out.stderr.rstrip().splitlines()[-1].startswith("error: 1 of 3 sweep jobs failed")
@@ -81,13 +95,24 @@ def test_optuna_preset_runs_its_trials_and_keeps_the_best(tmp_path, tiny, preset
     sweep = tmp_path / "sweep"
     shorter = ["trainer.steps=2", "trainer.val_every=2", "eval.episodes=4"]
     out = run_without_credentials(
-        "train", "-m", f"hparams_search={preset}", "hydra.sweeper.n_trials=3", *tiny, *shorter, *extra, f"hydra.sweep.dir={sweep}",
-        home=tmp_path / "home", cwd=tmp_path, timeout=280,
+        "train",
+        "-m",
+        f"hparams_search={preset}",
+        "hydra.sweeper.n_trials=3",
+        *tiny,
+        *shorter,
+        *extra,
+        f"hydra.sweep.dir={sweep}",
+        home=tmp_path / "home",
+        cwd=tmp_path,
+        timeout=280,
     )
     assert out.returncode == 0, out.stderr
     jobs = job_folders(sweep)
     assert len(jobs) == 3 and all((j / "eval.json").exists() for j in jobs)
-    values = {float(dict(o.split("=", 1) for o in yaml.safe_load((j / ".hydra/overrides.yaml").read_text()))[searched]) for j in jobs}
+    values = {
+        float(dict(o.split("=", 1) for o in yaml.safe_load((j / ".hydra/overrides.yaml").read_text()))[searched]) for j in jobs
+    }
     assert len(values) == 3  # three different samples
     best_val = max(read_metrics(j / "metrics.jsonl")[-1]["val/best"] for j in jobs)
     assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"] == pytest.approx(best_val)

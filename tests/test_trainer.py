@@ -44,7 +44,14 @@ def test_metarun_eval_reproduces_the_accuracy_train_printed(tmp_path, compose_co
     train(compose_config("train", tiny), tmp_path)
     trained = json.loads((tmp_path / "eval.json").read_text())
     (tmp_path / "eval.json").unlink()
-    out = run_cli("eval", f"checkpoint={tmp_path}", "eval.episodes=10", "eval.queries=5", "logger=none", f"hydra.run.dir={tmp_path / 'eval-job'}")
+    out = run_cli(
+        "eval",
+        f"checkpoint={tmp_path}",
+        "eval.episodes=10",
+        "eval.queries=5",
+        "logger=none",
+        f"hydra.run.dir={tmp_path / 'eval-job'}",
+    )
     assert out.returncode == 0, out.stderr
     again = json.loads((tmp_path / "eval.json").read_text())
     assert [r["accuracy"] for r in again["results"]] == [r["accuracy"] for r in trained["results"]]
@@ -94,9 +101,16 @@ def test_channels_last_changes_the_layout_not_the_result(tmp_path, compose_confi
 @pytest.mark.parametrize("setting", ["fp32", "bf16", "fp16", "compile"])
 def test_gpu_path(algo, setting, tmp_path, compose_config, tiny):
     """On a GPU: the data on the device, every precision, compiled steps, channels_last."""
-    extra = {"fp32": [], "bf16": ["trainer.precision=bf16"], "fp16": ["trainer.precision=fp16"], "compile": ["trainer.compile=true"]}
+    extra = {
+        "fp32": [],
+        "bf16": ["trainer.precision=bf16"],
+        "fp16": ["trainer.precision=fp16"],
+        "compile": ["trainer.compile=true"],
+    }
     rows, accuracy = speed_run(
-        tmp_path, compose_config, [*tiny, "device=cuda", f"algo={algo}", "task.meta_batch=2", "trainer.channels_last=true", *extra[setting]]
+        tmp_path,
+        compose_config,
+        [*tiny, "device=cuda", f"algo={algo}", "task.meta_batch=2", "trainer.channels_last=true", *extra[setting]],
     )
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert accuracy > 0.0

@@ -29,12 +29,16 @@ class ANIL(MAML):
     default_bn_mode = "transductive"  # as MAML, whose code the paper uses
     adapts_backbone = False
 
+    def head_strategy(self) -> str:
+        """The head alone is a matrix product per task, which vmap batches into one (unless a loop is asked for)."""
+        return "loop" if self.strategy == "loop" else "vmap"
+
     def adapt_head(self, head: Params, zs, ys, zq, steps: int, first_order: bool) -> torch.Tensor:
         """One task: ``steps`` inner steps of the head on the support features, then the query outputs."""
 
         def head_loss(h, step):
             loss = self.loss(self.head_forward({"head": h}, zs), ys)[0]
-            return loss, loss.detach()
+            return loss.sum(), loss.detach()
 
         fast, _ = inner_loop(head_loss, head, self.inner_lr, steps, first_order, self.inner_optimizer)
         return self.head_forward({"head": fast}, zq)
@@ -44,7 +48,7 @@ class ANIL(MAML):
 
         def meta_loss(h, zs_, zq_):
             loss, score = self.loss(self.adapt_head(h, zs_, ys, zq_, self.inner_steps, self.first_order), yq)
-            return loss, (loss.detach(), score.detach())
+            return loss.mean(), (loss.detach(), score.detach())
 
         grads, (loss, score) = torch.func.grad(meta_loss, argnums=(0, 1, 2), has_aux=True)(head, zs, zq)
         return grads, loss, score
@@ -53,12 +57,11 @@ class ANIL(MAML):
         head = self.model_parameters()["head"]
         zs, zq = fold_features(self.backbone, batch.support_x, batch.query_x, "transductive")
         tasks = batch.num_tasks
-        strategy = self.strategy_for(0)  # the head alone: no convolution inside
         (g_head, g_zs, g_zq), loss, score = map_tasks(
             self.task_meta_gradient,
             (self.detached(head),),
             (zs.detach(), batch.support_y, zq.detach(), batch.query_y),
-            strategy,
+            self.head_strategy(),
             self.chunk_size,
         )
         mean_head = tree_map(lambda g: g.mean(0), g_head)
@@ -78,5 +81,5 @@ class ANIL(MAML):
         with torch.no_grad():
             zs, zq = fold_features(self.backbone, episode.support_x, episode.query_x, bn_mode)
             return map_tasks(
-                task_score, (head,), (zs, episode.support_y, zq, episode.query_y), self.strategy_for(0), self.chunk_size
+                task_score, (head,), (zs, episode.support_y, zq, episode.query_y), self.head_strategy(), self.chunk_size
             )

@@ -22,6 +22,8 @@ class Algorithm(nn.Module):
     score: str = "accuracy"
     #: ``eval.bn_mode`` when the user leaves it unset (documented per algorithm in the README)
     default_bn_mode: str = "transductive"
+    #: whether episodes must have ``ways`` classes (a meta-learned head); else any number is served
+    fixed_ways: bool = False
 
     def __init__(self, backbone: nn.Module, ways: int) -> None:
         super().__init__()

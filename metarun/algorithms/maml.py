@@ -60,14 +60,16 @@ class MAML(FunctionalLearner):
     ) -> torch.Tensor:
         """Adapts to ``(xs, ys)`` with ``steps`` inner steps and predicts ``xq`` (one task, unbatched)."""
         lrs = self.inner_lrs(meta_params)
-        model = {"backbone": meta_params["backbone"], "head": meta_params["head"]}
+        model = self.per_task({"backbone": meta_params["backbone"], "head": meta_params["head"]})
         inner = self.inner_mode(bn_mode)
 
         def support_loss(p, step):
             loss = self.loss(self.predict(p, buffers, xs, inner), ys)[0]
-            return loss, loss.detach()
+            return loss.sum(), loss.detach()
 
-        fast, _ = inner_loop(support_loss, model, lrs, steps, first_order, self.inner_optimizer)
+        fast, _ = inner_loop(
+            support_loss, model, lrs, steps, first_order, self.inner_optimizer, autograd=self.grouped_tasks is not None
+        )
         return self.head_forward(fast, self.embed_query(fast, buffers, xs, xq, bn_mode))
 
     def task_meta_gradient(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, yq):
@@ -77,10 +79,10 @@ class MAML(FunctionalLearner):
         def meta_loss(mp):
             out = self.solve(mp, buffers, xs, ys, xq, self.inner_steps, "transductive", self.first_order)
             loss, score = self.loss(out, yq)
-            return loss, (loss.detach(), score.detach())
+            return loss.mean(), (loss.detach(), score.detach())
 
-        grads, (loss, score) = torch.func.grad(meta_loss, has_aux=True)(meta_params)
-        return (grads, loss, score), stats
+        grads, (loss, score) = self.grad(meta_loss, has_aux=True)(meta_params)
+        return (self.as_per_task(grads), loss, score), stats
 
     # -- the Algorithm interface ---------------------------------------------------------------
     def training_loss(self, batch: Episode):

@@ -26,11 +26,7 @@ def prototypes(support: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.
 
 def logits_from_distances(query: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     """Negative squared Euclidean distances, ``[tasks, q, ways]``."""
-    return -(
-        query.pow(2).sum(-1, keepdim=True)
-        - 2 * query @ protos.transpose(1, 2)
-        + protos.pow(2).sum(-1)[:, None, :]
-    )
+    return -(query.pow(2).sum(-1, keepdim=True) - 2 * query @ protos.transpose(1, 2) + protos.pow(2).sum(-1)[:, None, :])
 
 
 class ProtoNet(Algorithm):
@@ -65,7 +61,9 @@ class ProtoNet(Algorithm):
         t, ns, nq = support_x.shape[0], support_x.shape[1], query_x.shape[1]
         if mode == "transductive":
             with norm_statistics(self.backbone, "batch", tasks=t):
-                return self.backbone(support_x.flatten(0, 1)).view(t, ns, -1), self.backbone(query_x.flatten(0, 1)).view(t, nq, -1)
+                return self.backbone(support_x.flatten(0, 1)).view(t, ns, -1), self.backbone(query_x.flatten(0, 1)).view(
+                    t, nq, -1
+                )
         x = torch.cat([support_x, query_x], 1).flatten(0, 1)
         with norm_statistics(self.backbone, mode, support_size=ns, tasks=t):
             z = self.backbone(x).view(t, ns + nq, -1)

@@ -71,11 +71,15 @@ class Reptile(MAML):
         buffers = {**fixed, **stats}
 
         def batch_loss(p, step):
-            idx = order[step]
-            loss, score = self.loss(self.predict(p, buffers, x[idx], "batch"), y[idx])
-            return loss, (loss.detach(), score.detach())
+            pick = order[step]
+            xb, yb = x.index_select(self.sample_dim, pick), y.index_select(self.sample_dim, pick)
+            loss, score = self.loss(self.predict(p, buffers, xb, "batch"), yb)
+            return loss.sum(), (loss.detach(), score.detach())
 
-        fast, (loss, score) = inner_loop(batch_loss, params, self.inner_lr, self.inner_steps, True, self.inner_optimizer)
+        fast, (loss, score) = inner_loop(
+            batch_loss, self.per_task(params), self.inner_lr, self.inner_steps, True, self.inner_optimizer,
+            autograd=self.grouped_tasks is not None,
+        )  # fmt: skip
         return (tree_map(torch.sub, params, fast), loss, score), stats
 
     def training_loss(self, batch: Episode):

@@ -22,7 +22,9 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 5:
-            raise ValueError(f"a split is a uint8 [classes, n, C, H, W] tensor, got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(
+                f"a split is a uint8 [classes, n, C, H, W] tensor, got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if len(self.class_names) != self.images.shape[0]:
             raise ValueError(f"{len(self.class_names)} class names for {self.images.shape[0]} classes")
 
@@ -88,7 +90,11 @@ class FewShotDataset:
 
 
 def split_by_class(
-    images: torch.Tensor, class_names: list[str], fractions: tuple[float, float, float], seed: int, counts: torch.Tensor | None = None
+    images: torch.Tensor,
+    class_names: list[str],
+    fractions: tuple[float, float, float],
+    seed: int,
+    counts: torch.Tensor | None = None,
 ) -> dict[str, Split]:
     """A seeded split of classes into train / val / test (disjoint by construction)."""
     n = images.shape[0]

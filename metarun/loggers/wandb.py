@@ -84,7 +84,15 @@ def eval_table(results: list[dict], protocol: str) -> wandb.Table:
     key = score_key(results[0])
     columns = ["setting", "ways", "shots", "queries", "episodes", key, "ci95"]
     rows = [
-        [setting_name(r, protocol), r["ways"], r["shots"], r.get("queries"), r.get("episodes", r.get("runs")), scaled(key, r[key]), scaled(key, r["ci95"])]
+        [
+            setting_name(r, protocol),
+            r["ways"],
+            r["shots"],
+            r.get("queries"),
+            r.get("episodes", r.get("runs")),
+            scaled(key, r[key]),
+            scaled(key, r["ci95"]),
+        ]
         for r in results
     ]
     return wandb.Table(columns=columns, data=rows)
@@ -110,11 +118,21 @@ class WandbLogger(Logger):
         stored = json.loads(identity_path.read_text()) if identity_path.exists() else None
         continues = stored is not None and (resume if job_type == "train" else not cfg.new_run)
         if stored is None:
-            identity = {"project": cfg.project, "entity": cfg.entity, "name": cfg.name or name or run_dir.name, "group": cfg.group or group}
+            identity = {
+                "project": cfg.project,
+                "entity": cfg.entity,
+                "name": cfg.name or name or run_dir.name,
+                "group": cfg.group or group,
+            }
         elif continues:
             identity = {k: stored[k] for k in ("project", "entity", "name", "group")}
         else:  # a new run beside the training run, in its project
-            identity = {"project": stored["project"], "entity": stored["entity"], "name": cfg.name or stored["name"], "group": cfg.group or stored["group"]}
+            identity = {
+                "project": stored["project"],
+                "entity": stored["entity"],
+                "name": cfg.name or stored["name"],
+                "group": cfg.group or stored["group"],
+            }
         if continues:  # job type, tags and config stay those of the run being continued
             init = dict(identity, id=stored["id"], resume="allow")
         else:
@@ -159,7 +177,12 @@ def start_run(init: dict, mode: str, may_fall_back: bool):
         console.print(f"W&B could not start the run online ({reason}); logging offline instead", soft_wrap=True)
         run = wandb.init(**init, mode="offline", settings=settings)
     if run.offline:
-        console.print(f"W&B run saved offline; upload it with: wandb sync {sync_paths(Path(run.sync_dir), run.id)}", soft_wrap=True, markup=False, highlight=False)
+        console.print(
+            f"W&B run saved offline; upload it with: wandb sync {sync_paths(Path(run.sync_dir), run.id)}",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
     elif not run.disabled:
         console.print(f"W&B run: {run.url}", soft_wrap=True)
     return run

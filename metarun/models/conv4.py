@@ -14,6 +14,9 @@ def conv_block(cin: int, cout: int) -> nn.Sequential:
 class Conv4(nn.Module):
     """4 × [conv 3×3, BatchNorm, ReLU, 2×2 max-pool], flattened."""
 
+    #: forward is ``self.features(x)``: per-task copies can run as one grouped network (:mod:`metarun.models.grouped`)
+    sequential = True
+
     def __init__(self, in_shape: tuple[int, int, int], hidden: int = 64, layers: int = 4) -> None:
         super().__init__()
         c, h, w = in_shape

@@ -8,6 +8,9 @@ from torch import nn
 
 
 class MLP(nn.Module):
+    #: forward is ``self.features(x)`` (see :mod:`metarun.models.grouped`)
+    sequential = True
+
     def __init__(self, in_shape: tuple[int, ...], hidden: tuple[int, ...] = (40, 40)) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]

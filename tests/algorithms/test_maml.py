@@ -38,7 +38,7 @@ def max_error(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("strategy", ["grouped", "vmap", "loop"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 @pytest.mark.parametrize("kind", ["conv4", "mlp"])
 def test_meta_gradient_matches_the_per_task_reference(kind, first_order, strategy):
@@ -67,7 +67,7 @@ def test_chunked_vmap_gives_the_same_meta_gradient():
     assert max_error(whole, chunked) < 1e-10
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("strategy", ["grouped", "vmap", "loop"])
 def test_running_statistics_are_the_mean_of_the_per_task_updates(strategy):
     algo = build("conv4", inner_steps=2, strategy=strategy)
     data = data_for("conv4")
@@ -94,7 +94,7 @@ def test_eval_mode_leaves_running_statistics_alone():
 def test_evaluation_is_the_same_with_either_strategy(bn_mode):
     data = data_for("conv4", tasks=4)
     scores = []
-    for strategy in ("vmap", "loop"):
+    for strategy in ("grouped", "vmap", "loop"):
         algo = build("conv4", inner_steps_eval=3, strategy=strategy)
         with torch.no_grad():  # non-trivial running statistics
             for m in algo.backbone.modules():
@@ -154,9 +154,29 @@ def test_regression_uses_mse_and_reports_it():
 
 
 def test_auto_strategy_rule():
+    assert auto_strategy(10, convolutional=True, groupable=True) == "grouped"
+    assert auto_strategy(100, convolutional=True, groupable=True) == "grouped"
+    assert auto_strategy(10, convolutional=False, groupable=True) == "vmap"
     assert auto_strategy(10, convolutional=True) == "vmap"
     assert auto_strategy(AUTO_VMAP_MAX_IMAGES + 1, convolutional=True) == "loop"
     assert auto_strategy(10_000, convolutional=False) == "vmap"
+
+
+def test_grouped_calls_in_chunks_give_the_same_meta_gradient():
+    data = tiny_tasks(tasks=5)
+    whole, _ = meta_gradient(build("conv4", inner_steps=2, strategy="grouped", chunk_size=5), data)
+    chunked, _ = meta_gradient(build("conv4", inner_steps=2, strategy="grouped", chunk_size=2), data)
+    assert max_error(whole, chunked) < TOL
+
+
+def test_grouped_needs_a_sequential_backbone():
+    from metarun.models.resnet12 import ResNet12
+
+    assert MAML(tiny_backbone("conv4"), 3).strategy_for(10) == "grouped"
+    resnet = ResNet12((3, 16, 16), channels=(4, 4, 4, 4))
+    assert MAML(resnet, 3).strategy_for(10) == "vmap"  # auto falls back
+    with pytest.raises(ConfigError, match="strategy=grouped"):
+        MAML(resnet, 3, strategy="grouped")
 
 
 @pytest.mark.parametrize("kwargs", [{"strategy": "fast"}, {"chunk_size": 0}, {"inner_steps": -1}, {"task_kind": "ranking"}])

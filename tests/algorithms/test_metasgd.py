@@ -21,7 +21,7 @@ def build(kind: str, **kwargs) -> MetaSGD:
     return algo
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("strategy", ["grouped", "vmap", "loop"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 @pytest.mark.parametrize("kind", ["conv4", "mlp"])
 def test_meta_gradients_of_weights_and_learning_rates_match_the_reference(kind, first_order, strategy):

@@ -36,7 +36,14 @@ def test_jobs_building_the_same_cache_at_once_all_get_the_same_data(tmp_path: Pa
     root, go = tmp_path / "glyphs", tmp_path / "go"
     ready = [tmp_path / f"ready-{i}" for i in range(JOBS)]
     jobs = [
-        subprocess.Popen([sys.executable, "-c", JOB, str(root), str(r), str(go)], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", JOB, str(root), str(r), str(go)],
+            cwd=REPO,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in ready
     ]
     deadline = time.monotonic() + 120

@@ -109,8 +109,6 @@ def test_published_fc100_split_lists() -> None:
     assert [COARSE.index(n) for n in supers["val"]] == [8, 11, 13, 16]
 
 
-
-
 def check_images(ds) -> None:
     for split in ds.splits.values():
         assert split.images.shape[1:] == (TRAIN_PER_CLASS + TEST_PER_CLASS, 3, 32, 32)

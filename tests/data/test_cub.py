@@ -40,8 +40,6 @@ def test_split_of_follows_chen_et_al() -> None:
     assert splits[:8] == ["train", "val", "train", "test", "train", "val", "train", "test"]
 
 
-
-
 def test_official_layout(tmp_path: Path) -> None:
     write_cub(tmp_path / "CUB_200_2011")
     ds = build_dataset(dataset_config("cub", root=str(tmp_path)))

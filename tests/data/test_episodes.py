@@ -28,7 +28,13 @@ def identities(sampler, x):
 
 
 @settings(max_examples=40, deadline=None)
-@given(ways=st.integers(1, 12), shots=st.integers(1, 5), queries=st.integers(1, 5), tasks=st.integers(1, 4), seed=st.integers(0, 2**31))
+@given(
+    ways=st.integers(1, 12),
+    shots=st.integers(1, 5),
+    queries=st.integers(1, 5),
+    tasks=st.integers(1, 4),
+    seed=st.integers(0, 2**31),
+)
 def test_any_valid_episode_is_well_formed(ways, shots, queries, tasks, seed):
     sampler = EpisodeSampler(numbered_split(), ways, shots, queries, (0.5, 0.5), (0.25, 0.25), seed=seed)
     ep = sampler.sample(tasks)
@@ -99,7 +105,13 @@ def test_image_batches_carry_split_class_labels():
 
 
 @settings(max_examples=30, deadline=None)
-@given(split=st.sampled_from(["train", "val", "test"]), ways=st.integers(1, 4), shots=st.integers(1, 3), queries=st.integers(1, 3), seed=st.integers(0, 2**31))
+@given(
+    split=st.sampled_from(["train", "val", "test"]),
+    ways=st.integers(1, 4),
+    shots=st.integers(1, 3),
+    queries=st.integers(1, 3),
+    seed=st.integers(0, 2**31),
+)
 def test_episodes_come_from_the_requested_split_only(split, ways, shots, queries, seed):
     """The splits' classes carry different numbers (train 0-3, val 10-13, test 20-23), so any image's split is known."""
     splits = {}
@@ -107,7 +119,9 @@ def test_episodes_come_from_the_requested_split_only(split, ways, shots, queries
         numbered = numbered_split(classes=4, per_class=6)
         numbered.images[:, :, 0] += 10 * offset
         splits[name] = numbered
-    sampler = build_sampler(FewShotDataset("numbered", splits, (0.5, 0.5), (0.25, 0.25)), split, ways, shots, queries, seed, torch.device("cpu"))
+    sampler = build_sampler(
+        FewShotDataset("numbered", splits, (0.5, 0.5), (0.25, 0.25)), split, ways, shots, queries, seed, torch.device("cpu")
+    )
     ep = sampler.sample(3)
     first = 10 * ("train", "val", "test").index(split)
     for x in (ep.support_x, ep.query_x):

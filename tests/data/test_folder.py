@@ -36,8 +36,6 @@ def load(path: Path, **kwargs):
     return folder.load(path=str(path), **kwargs)
 
 
-
-
 def test_flat_layout_is_split_by_class_with_a_seed(tmp_path: Path) -> None:
     data = write_flat(tmp_path / "data")
     ds = build_dataset(dataset_config("folder", path=str(data), image_size=16))

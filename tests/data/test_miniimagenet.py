@@ -65,8 +65,6 @@ def check(ds, channel: int) -> None:
     assert len(ds.mean) == 3 and len(ds.std) == 3
 
 
-
-
 def test_csv_layout(tmp_path: Path) -> None:
     write_csv_layout(tmp_path)
     ds = build_dataset(dataset_config("miniimagenet", root=str(tmp_path)))

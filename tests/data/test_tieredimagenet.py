@@ -49,8 +49,6 @@ def write_dataset(root: Path, fmt: str) -> Path:
     return root
 
 
-
-
 @pytest.mark.parametrize("fmt", ["npz", "npz_compressed", "npy"])
 def test_layouts_group_by_class_in_order(tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tieredimagenet, "ROW_CHUNK_BYTES", 2 * SIZE * SIZE * 3)  # several chunks per split

@@ -42,7 +42,14 @@ def cifar(root: Path) -> list[str]:
     return [f"dataset.root={root}"]
 
 
-WRITERS = {"miniimagenet": miniimagenet, "tieredimagenet": tieredimagenet, "cub": cub, "folder": folder, "cifarfs": cifar, "fc100": cifar}
+WRITERS = {
+    "miniimagenet": miniimagenet,
+    "tieredimagenet": tieredimagenet,
+    "cub": cub,
+    "folder": folder,
+    "cifarfs": cifar,
+    "fc100": cifar,
+}
 SMOKE = [
     "task.ways=2",
     "task.shots=1",

@@ -107,5 +107,10 @@ def env_without_credentials(home: Path, **env: str) -> dict[str, str]:
 def run_without_credentials(*args: str, home: Path, cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
     """The real CLI (``metarun <args>``) in a subprocess, on such a machine."""
     return subprocess.run(
-        [sys.executable, "-m", "metarun", *args], cwd=cwd, env=env_without_credentials(home, **env), capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "metarun", *args],
+        cwd=cwd,
+        env=env_without_credentials(home, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

@@ -36,7 +36,9 @@ logger.close()
 FAKE_KEY = "a" * 40
 
 
-def log_eval(tmp_path: Path, mode: str, results: list[dict], protocol: str, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+def log_eval(
+    tmp_path: Path, mode: str, results: list[dict], protocol: str, **env: str
+) -> tuple[subprocess.CompletedProcess, Path]:
     run_dir = tmp_path / "run"
     out = subprocess.run(
         [sys.executable, "-c", LOG_EVAL, str(run_dir), mode, json.dumps(results), protocol],
@@ -134,8 +136,16 @@ def test_eval_joins_the_training_run_or_starts_an_eval_run(trained, tmp_path):
 @pytest.mark.parametrize(
     "protocol, result, keys",
     [
-        ("episodes", {"ways": 1, "shots": 10, "queries": 10, "episodes": 3, "mse": 0.25, "ci95": 0.05, "per_episode": [0.2, 0.3, 0.25]}, ("test/1w10s/mse", 0.25, 0.05)),
-        ("omniglot_runs", {"ways": 20, "shots": 1, "runs": 2, "error": 0.05, "ci95": 0.02, "per_run": [0.04, 0.06]}, ("test/20w1s_runs/error", 5.0, 2.0)),
+        (
+            "episodes",
+            {"ways": 1, "shots": 10, "queries": 10, "episodes": 3, "mse": 0.25, "ci95": 0.05, "per_episode": [0.2, 0.3, 0.25]},
+            ("test/1w10s/mse", 0.25, 0.05),
+        ),
+        (
+            "omniglot_runs",
+            {"ways": 20, "shots": 1, "runs": 2, "error": 0.05, "ci95": 0.02, "per_run": [0.04, 0.06]},
+            ("test/20w1s_runs/error", 5.0, 2.0),
+        ),
     ],
 )
 def test_any_score_is_logged_under_its_own_name(tmp_path, protocol, result, keys):
@@ -165,7 +175,12 @@ def test_unreachable_server_falls_back_to_offline_at_once_unless_online_is_force
 
 def test_behind_a_proxy_wandb_init_decides_and_its_failure_still_falls_back(tmp_path):
     """The direct connection may be blocked where the proxy gets through: no probe, wandb.init's own timeout."""
-    env = {"WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "2"}
+    env = {
+        "WANDB_API_KEY": FAKE_KEY,
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "WANDB_INIT_TIMEOUT": "2",
+    }
     result = [{"ways": 5, "shots": 1, "queries": 15, "episodes": 2, "accuracy": 0.5, "ci95": 0.1, "per_episode": [0.4, 0.6]}]
     out, run_dir = log_eval(tmp_path, "auto", result, "episodes", **env)
     assert out.returncode == 0, out.stderr

@@ -1,0 +1,113 @@
+"""A sequential backbone run for many tasks at once, each with its own weights, as one network.
+
+MAML-style inner loops give every task its own copy of the weights. Under
+``torch.func.vmap`` those per-task convolutions become grouped convolutions
+whose batch dimension vmap moves around between operations; on a CPU the
+elementwise work of batch norm's double backward on such strided tensors
+then costs more than the convolutions. Here the tasks are laid out as channel
+groups from the start: activations are ``[n, tasks * channels, h, w]``,
+convolutions are grouped with ``groups=tasks``, batch norm over ``tasks *
+channels`` channels gives every task its own statistics, and a linear layer
+is one batched matrix product. Every operation is an ordinary contiguous
+kernel, and since no ``vmap`` is involved, autograd through it (second-order
+MAML) is exact.
+
+Only backbones that are a plain sequence of the layers below (Conv4, MLP)
+can be grouped; :func:`grouped_layers` says which, and the algorithms fall
+back to ``vmap`` or a loop for the others (ResNet-12's residual blocks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metarun.models.norm import EpisodeBatchNorm
+
+SUPPORTED = (nn.Conv2d, EpisodeBatchNorm, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear)
+
+
+def grouped_layers(backbone: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """``(name, layer)`` of a backbone whose forward is ``self.features(x)`` made of supported layers, else None."""
+    features = getattr(backbone, "features", None)
+    if not getattr(backbone, "sequential", False) or not isinstance(features, nn.Sequential):
+        return None
+    layers = [(f"features.{name}", m) for name, m in features.named_modules() if name and not isinstance(m, nn.Sequential)]
+    for _, m in layers:
+        if not isinstance(m, SUPPORTED) or (isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros")):
+            return None
+        if isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) != (1, -1):
+            return None
+    return layers
+
+
+def _per_task(t: torch.Tensor, tasks: int, dims: int) -> torch.Tensor:
+    """``[tasks, *shape]`` (already per task) or ``[*shape]`` (shared, repeated) → ``[tasks * shape[0], ...]``."""
+    if t.dim() == dims:
+        t = t.expand(tasks, *t.shape)
+    return t.flatten(0, 1)
+
+
+def grouped_forward(
+    layers: list[tuple[str, nn.Module]],
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    mode: str,
+    support_size: int = 0,
+    update_stats: bool = False,
+) -> torch.Tensor:
+    """Features ``[tasks, n, d]`` of ``x = [tasks, n, *sample]``.
+
+    ``params``/``buffers`` use the backbone's names; each tensor has a leading
+    ``tasks`` dimension (its own per task) or not (shared). ``mode`` is the
+    norm layers' statistics rule (``batch``, ``support``, ``running``; see
+    :mod:`metarun.models.norm`); with ``update_stats`` the per-task running
+    statistics are updated in place, as a training forward would.
+    """
+    tasks, n = x.shape[:2]
+    h = x.transpose(0, 1).flatten(1, 2) if x.dim() > 3 else x.transpose(0, 1)  # [n, tasks * c, ...] or [n, tasks, d]
+    for name, m in layers:
+        if isinstance(m, nn.Conv2d):
+            w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
+            h = F.conv2d(
+                h, _per_task(w, tasks, 4), None if b is None else _per_task(b, tasks, 1),
+                m.stride, m.padding, m.dilation, groups=tasks,
+            )  # fmt: skip
+        elif isinstance(m, nn.Linear):
+            w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
+            h = torch.einsum("ntd,tkd->ntk", h, w.expand(tasks, *w.shape) if w.dim() == 2 else w)
+            if b is not None:
+                h = h + b
+        elif isinstance(m, EpisodeBatchNorm):
+            h = _norm(m, name, params, buffers, h, tasks, mode, support_size, update_stats)
+        elif isinstance(m, nn.ReLU):
+            h = F.relu(h)
+        elif isinstance(m, nn.MaxPool2d):
+            h = F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        else:  # Flatten: [n, tasks * c, h, w] -> [n, tasks, c * h * w]
+            h = h.reshape(n, tasks, -1)
+    return h.transpose(0, 1)
+
+
+def _norm(m: EpisodeBatchNorm, name: str, params, buffers, h, tasks: int, mode: str, support_size: int, update_stats: bool):
+    shape = h.shape
+    h = h.flatten(1, 2) if h.dim() == 3 else h  # linear features [n, tasks, d] -> [n, tasks * d]
+    weight = _per_task(params[f"{name}.weight"], tasks, 1) if m.affine else None
+    bias = _per_task(params[f"{name}.bias"], tasks, 1) if m.affine else None
+    if mode == "support":
+        dims = [0, *range(2, h.dim())]
+        var, mean = torch.var_mean(h[:support_size], dims, correction=0, keepdim=True)
+        y = (h - mean) * torch.rsqrt(var + m.eps)
+        if m.affine:
+            view = [1, -1] + [1] * (h.dim() - 2)
+            y = y * weight.view(view) + bias.view(view)
+    else:
+        running = mode == "running"
+        stats = running or (update_stats and m.track_running_stats)
+        mean = _per_task(buffers[f"{name}.running_mean"], tasks, 1) if stats else None
+        var = _per_task(buffers[f"{name}.running_var"], tasks, 1) if stats else None
+        momentum = 0.0 if running else (m.momentum if m.momentum is not None else 0.1)
+        y = F.batch_norm(h, mean, var, weight, bias, not running, momentum, m.eps)
+    return y.view(shape)
