@@ -93,3 +93,20 @@ def test_omniglot_presets_fit_twenty_images_per_character(name, compose_config):
     assert cfg.task.shots + cfg.task.queries <= 20
     assert cfg.task.shots + cfg.eval.queries <= 20  # validation episodes
     assert all(s.shots + cfg.eval.queries <= 20 for s in cfg.eval.settings)
+
+
+def test_an_algorithm_on_a_dataset_gets_its_own_defaults_which_anything_explicit_overrides(compose_config):
+    """conf/dataset_algo/omniglot_maml.yaml: MAML's Omniglot step budget, not ProtoNet's; experiments and the
+    command line still win, and other datasets keep the trainer's default."""
+    steps = {
+        overrides: compose_config("train", list(overrides)).trainer.steps
+        for overrides in [
+            ("algo=maml", "dataset=omniglot"),
+            ("algo=protonet", "dataset=omniglot"),
+            ("algo=maml", "dataset=glyphs"),
+            ("algo=maml", "dataset=omniglot", "trainer.steps=7"),
+            ("experiment=maml_omniglot_5w1s",),
+        ]
+    }
+    assert list(steps.values()) == [1500, 5000, 2000, 7, 60000]
+    assert compose_config("train", ["algo=reptile", "dataset=omniglot"]).trainer.val_every == 1000

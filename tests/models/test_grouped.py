@@ -1,0 +1,68 @@
+"""The grouped forward (tasks as channel groups of one network) against each task's own forward."""
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from metarun.models.conv4 import Conv4
+from metarun.models.grouped import grouped_forward, grouped_layers
+from metarun.models.mlp import MLP
+from metarun.models.norm import norm_statistics
+from metarun.models.resnet12 import ResNet12
+
+TASKS, N, SUPPORT = 3, 6, 4
+
+
+def per_task_params(backbone, tasks):
+    """Every task its own, different copy of the weights (``[tasks, ...]``), and random running statistics."""
+    g = torch.Generator().manual_seed(1)
+    params = {
+        k: p.detach() + 0.3 * torch.randn(tasks, *p.shape, generator=g, dtype=p.dtype) for k, p in backbone.named_parameters()
+    }
+    buffers = {}
+    for k, b in backbone.named_buffers():
+        if b.is_floating_point():
+            noise = torch.rand(tasks, *b.shape, generator=g, dtype=b.dtype)
+            buffers[k] = (noise + 0.5) if k.endswith("running_var") else noise - 0.5
+    return params, buffers
+
+
+def one_task(backbone, params, buffers, t, x, mode, support_size):
+    mine = {k: v[t] for k, v in params.items()}
+    stats = {k: v[t].clone() for k, v in buffers.items()}
+    with norm_statistics(backbone, mode, support_size=support_size):
+        out = functional_call(backbone, (mine, stats), (x,))
+    return out, stats
+
+
+@pytest.mark.parametrize("mode", ["batch", "support", "running"])
+@pytest.mark.parametrize("kind", ["conv4", "mlp"])
+def test_equals_each_task_run_on_its_own(kind, mode):
+    torch.manual_seed(0)
+    backbone = (Conv4((1, 8, 8), hidden=4, layers=2) if kind == "conv4" else MLP((1, 4, 4), hidden=(6, 5))).double()
+    backbone.train()
+    params, buffers = per_task_params(backbone, TASKS)
+    x = torch.randn(TASKS, N, 1, *((8, 8) if kind == "conv4" else (4, 4)), dtype=torch.float64)
+    grouped_stats = {k: v.clone() for k, v in buffers.items()}
+    out = grouped_forward(grouped_layers(backbone), params, grouped_stats, x, mode, SUPPORT, update_stats=mode == "batch")
+    for t in range(TASKS):
+        expected, stats = one_task(backbone, params, buffers, t, x[t], mode, SUPPORT)
+        torch.testing.assert_close(out[t], expected)
+        for k in stats:  # the running statistics move exactly as the task's own training forward moves them
+            torch.testing.assert_close(grouped_stats[k][t], stats[k])
+
+
+def test_shared_weights_broadcast_to_every_task():
+    torch.manual_seed(0)
+    backbone = Conv4((1, 8, 8), hidden=4, layers=2).double().eval()
+    shared = dict(backbone.named_parameters())
+    x = torch.randn(TASKS, N, 1, 8, 8, dtype=torch.float64)
+    out = grouped_forward(grouped_layers(backbone), shared, dict(backbone.named_buffers()), x, "running")
+    with norm_statistics(backbone, "running"):
+        expected = torch.stack([backbone(x[t]) for t in range(TASKS)])
+    torch.testing.assert_close(out, expected)
+
+
+def test_only_plain_sequences_can_be_grouped():
+    assert grouped_layers(Conv4((1, 8, 8), hidden=4, layers=2)) is not None
+    assert grouped_layers(ResNet12((3, 16, 16), channels=(4, 4, 4, 4))) is None
