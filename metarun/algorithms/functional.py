@@ -2,9 +2,10 @@
 
 One place holds what those algorithms share:
 
-* :func:`inner_loop` - gradient steps (SGD or Adam) on one task, written for a
-  single task with ``torch.func.grad`` so that it can be differentiated
-  through (second order), cut (first order), or just run (evaluation);
+* :func:`inner_loop` - gradient steps (SGD or Adam) on one task (or on a
+  grouped call's tasks at once), taken with ``torch.func.grad`` (or plain
+  autograd) so that they can be differentiated through (second order), cut
+  (first order), or just run (evaluation);
 * :func:`map_tasks` - applies a per-task function to every task of a batch,
   either as one batched computation (``torch.func.vmap``, optionally in
   chunks) or as a Python loop over tasks calling *the same* function;
@@ -26,9 +27,10 @@ Execution strategy (``algo.strategy``):
 * ``grouped`` - the tasks' copies of a sequential backbone (Conv4, MLP) run as
   one network whose channels are grouped by task
   (:mod:`metarun.models.grouped`); the per-task function is called once with
-  every tensor carrying a leading task dimension, and plain ``torch.func.grad``
-  (no vmap) gives exact second-order gradients. The fastest on a CPU for small
-  tasks (``python scripts/maml_strategy.py``; :data:`GROUPED_IMAGES_PER_CALL`);
+  every tensor carrying a leading task dimension, and plain autograd
+  (:func:`autograd_grad`; no vmap, so exact to second order) differentiates it.
+  The fastest on a CPU at every task size measured
+  (``python scripts/maml_strategy.py``; :data:`GROUPED_IMAGES_PER_CALL`);
 * ``vmap`` - ``torch.func.vmap`` over tasks (per-task weights become grouped
   convolutions, with batch dimensions moved between operations);
 * ``loop`` - a Python loop over tasks;
