@@ -62,7 +62,7 @@ def main() -> None:
             ax.plot(grid, pred, ls=":" if k == 0 else "--", label=f"{label} (MSE {mse:.2f})")
             print(f"task {t}: amplitude {amplitude[t]:.2f} phase {phase[t]:.2f}  {label:14s} MSE {mse:.3f}")
         ax.set_xlim(-5, 5)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=6.5, loc="best", framealpha=0.8)
     fig.suptitle(f"MAML, K={cfg.task.shots}, inner step {cfg.algo.inner_lr}: held-out sinusoids")
     fig.tight_layout()
     out = args.out or (ckpt["path"].parent.parent / "sinusoid.png")
