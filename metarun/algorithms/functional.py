@@ -309,29 +309,33 @@ class FunctionalLearner(Algorithm):
 
     # -- the two forms of the per-task function -------------------------------------------------
     @property
+    def in_grouped_call(self) -> bool:
+        return self.grouped_tasks is not None
+
+    @property
     def sample_dim(self) -> int:
         """Where samples are counted: dim 0 of one task's tensors, dim 1 in a grouped call."""
-        return 0 if self.grouped_tasks is None else 1
+        return 1 if self.in_grouped_call else 0
 
     def per_task(self, params: Params) -> Params:
         """In a grouped call, every task's own copy of ``params`` (a leading task dim); else ``params``."""
-        if self.grouped_tasks is None:
+        if not self.in_grouped_call:
             return params
         return tree_map(lambda p: p.expand(self.grouped_tasks, *p.shape), params)
 
     def grad(self, fn: Callable, has_aux: bool = False) -> Callable:
         """The gradient transform for the per-task function: plain autograd in a grouped call, else ``torch.func.grad``."""
-        return grad(fn, has_aux=has_aux) if self.grouped_tasks is None else autograd_grad(fn, has_aux=has_aux)
+        return autograd_grad(fn, has_aux=has_aux) if self.in_grouped_call else grad(fn, has_aux=has_aux)
 
     def as_per_task(self, tree):
         """A value computed for all tasks together (a mean meta-gradient) seen as one row per task, as a loop stacks."""
-        if self.grouped_tasks is None:
+        if not self.in_grouped_call:
             return tree
         return tree_map(lambda v: v.expand(self.grouped_tasks, *v.shape), tree)
 
     # -- forward passes of one task -----------------------------------------------------
     def body(self, params: Params, buffers: Params, x: torch.Tensor, mode: str, support_size: int = 0) -> torch.Tensor:
-        if self.grouped_tasks is not None:
+        if self.in_grouped_call:
             update = self.training and mode == "batch"
             return grouped_forward(self.layers, params["backbone"], buffers, x, mode, support_size, update)
         with norm_statistics(self.backbone, mode, support_size=support_size):

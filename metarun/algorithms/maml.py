@@ -58,7 +58,7 @@ class MAML(FunctionalLearner):
     def solve(
         self, meta_params: Params, buffers: Params, xs, ys, xq, steps: int, bn_mode: str, first_order: bool
     ) -> torch.Tensor:
-        """Adapts to ``(xs, ys)`` with ``steps`` inner steps and predicts ``xq`` (one task, unbatched)."""
+        """Adapts to ``(xs, ys)`` with ``steps`` inner steps and predicts ``xq`` (one task, or a grouped call's tasks)."""
         lrs = self.inner_lrs(meta_params)
         model = self.per_task({"backbone": meta_params["backbone"], "head": meta_params["head"]})
         inner = self.inner_mode(bn_mode)
@@ -67,9 +67,7 @@ class MAML(FunctionalLearner):
             loss = self.loss(self.predict(p, buffers, xs, inner), ys)[0]
             return loss.sum(), loss.detach()
 
-        fast, _ = inner_loop(
-            support_loss, model, lrs, steps, first_order, self.inner_optimizer, autograd=self.grouped_tasks is not None
-        )
+        fast, _ = inner_loop(support_loss, model, lrs, steps, first_order, self.inner_optimizer, autograd=self.in_grouped_call)
         return self.head_forward(fast, self.embed_query(fast, buffers, xs, xq, bn_mode))
 
     def task_meta_gradient(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, yq):

@@ -78,7 +78,7 @@ class Reptile(MAML):
 
         fast, (loss, score) = inner_loop(
             batch_loss, self.per_task(params), self.inner_lr, self.inner_steps, True, self.inner_optimizer,
-            autograd=self.grouped_tasks is not None,
+            autograd=self.in_grouped_call,
         )  # fmt: skip
         return (tree_map(torch.sub, params, fast), loss, score), stats
 
