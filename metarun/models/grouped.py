@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.models.norm import EpisodeBatchNorm
+from metarun.models.norm import EpisodeBatchNorm, normalize_by, running_momentum
 
 SUPPORTED = (nn.Conv2d, EpisodeBatchNorm, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear)
 
@@ -42,11 +42,14 @@ def grouped_layers(backbone: nn.Module) -> list[tuple[str, nn.Module]] | None:
     return layers
 
 
+def _each(t: torch.Tensor, tasks: int, dims: int) -> torch.Tensor:
+    """``[tasks, *shape]``: ``t`` as it is when already per task, else (``dims``-dimensional, shared) repeated."""
+    return t.expand(tasks, *t.shape) if t.dim() == dims else t
+
+
 def _per_task(t: torch.Tensor, tasks: int, dims: int) -> torch.Tensor:
-    """``[tasks, *shape]`` (already per task) or ``[*shape]`` (shared, repeated) → ``[tasks * shape[0], ...]``."""
-    if t.dim() == dims:
-        t = t.expand(tasks, *t.shape)
-    return t.flatten(0, 1)
+    """Every task's copy of ``t`` stacked along its first dim, ``[tasks * shape[0], ...]``: grouped-conv weights, channels."""
+    return _each(t, tasks, dims).flatten(0, 1)
 
 
 def grouped_forward(
@@ -77,7 +80,7 @@ def grouped_forward(
             )  # fmt: skip
         elif isinstance(m, nn.Linear):
             w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
-            h = torch.einsum("ntd,tkd->ntk", h, w.expand(tasks, *w.shape) if w.dim() == 2 else w)
+            h = torch.einsum("ntd,tkd->ntk", h, _each(w, tasks, 2))
             if b is not None:
                 h = h + b
         elif isinstance(m, EpisodeBatchNorm):
@@ -97,17 +100,12 @@ def _norm(m: EpisodeBatchNorm, name: str, params, buffers, h, tasks: int, mode: 
     weight = _per_task(params[f"{name}.weight"], tasks, 1) if m.affine else None
     bias = _per_task(params[f"{name}.bias"], tasks, 1) if m.affine else None
     if mode == "support":
-        dims = [0, *range(2, h.dim())]
-        var, mean = torch.var_mean(h[:support_size], dims, correction=0, keepdim=True)
-        y = (h - mean) * torch.rsqrt(var + m.eps)
-        if m.affine:
-            view = [1, -1] + [1] * (h.dim() - 2)
-            y = y * weight.view(view) + bias.view(view)
+        y = normalize_by(h, h[:support_size], 1, m.eps, weight, bias)
     else:
         running = mode == "running"
         stats = running or (update_stats and m.track_running_stats)
         mean = _per_task(buffers[f"{name}.running_mean"], tasks, 1) if stats else None
         var = _per_task(buffers[f"{name}.running_var"], tasks, 1) if stats else None
-        momentum = 0.0 if running else (m.momentum if m.momentum is not None else 0.1)
+        momentum = 0.0 if running else running_momentum(m)
         y = F.batch_norm(h, mean, var, weight, bias, not running, momentum, m.eps)
     return y.view(shape)

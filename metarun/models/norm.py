@@ -53,7 +53,7 @@ class EpisodeBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.stats_mode == "running":
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         update = self.training and self.track_running_stats
-        momentum = self.momentum if self.momentum is not None else 0.1
+        momentum = running_momentum(self)
         rm, rv = (self.running_mean, self.running_var) if update else (None, None)
         if self.stats_mode == "batch" and self.tasks == 1:
             return F.batch_norm(x, rm, rv, self.weight, self.bias, True, momentum, self.eps)
@@ -64,13 +64,28 @@ class EpisodeBatchNorm(nn.modules.batchnorm._BatchNorm):
             return y.transpose(1, 2).reshape(x.shape)
         # support: each task normalised by the statistics of its first support_size samples
         xg = x.view(self.tasks, -1, *x.shape[1:])
-        dims = [1, *range(3, xg.dim())]
-        var, mean = torch.var_mean(xg[:, : self.support_size], dims, correction=0, keepdim=True)
-        shape = [1, 1, -1] + [1] * (xg.dim() - 3)
-        y = (xg - mean) * torch.rsqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.view_as(x)
+        weight, bias = (self.weight, self.bias) if self.affine else (None, None)
+        return normalize_by(xg, xg[:, : self.support_size], 2, self.eps, weight, bias).view_as(x)
+
+
+def running_momentum(layer: nn.modules.batchnorm._BatchNorm) -> float:
+    """The layer's momentum for running statistics (``None``, a cumulative average, is not supported: 0.1)."""
+    return layer.momentum if layer.momentum is not None else 0.1
+
+
+def normalize_by(x: torch.Tensor, ref: torch.Tensor, channel_dim: int, eps: float, weight=None, bias=None) -> torch.Tensor:
+    """``x`` normalised per channel by the statistics of ``ref``, then the affine map if given.
+
+    Statistics run over the samples (the dim just before ``channel_dim``) and the spatial dims after
+    it; dims in front of the samples index tasks, each normalised on its own."""
+    dims = [d for d in range(channel_dim - 1, x.dim()) if d != channel_dim]
+    var, mean = torch.var_mean(ref, dims, correction=0, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + eps)
+    if weight is None:
+        return y
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    return y * weight.view(shape) + bias.view(shape)
 
 
 BN_MODES = {"transductive": "batch", "support": "support", "running": "running"}
