@@ -167,13 +167,17 @@ def write_eval_json(
     tmp.replace(path)
 
 
-def check_settings(dataset, eval_cfg: DictConfig) -> None:
-    """Every evaluation setting against its split as soon as the data is loaded, so that a setting the
-    data cannot serve fails in seconds rather than at the end of a long training run."""
+def check_settings(dataset, eval_cfg: DictConfig, algorithm: Algorithm) -> None:
+    """Every evaluation setting against its split and the model as soon as both are built, so that a
+    setting neither can serve fails in seconds rather than at the end of a long training run."""
     if eval_cfg.protocol == "omniglot_runs":
         if not eval_cfg.runs_path:
             raise ConfigError("eval.protocol=omniglot_runs needs eval.runs_path=DIR (the folder holding run01, run02, ...)")
         return
+    if algorithm.fixed_ways and all(s.ways != algorithm.ways for s in eval_cfg.settings):
+        raise ConfigError(
+            f"eval.settings: {type(algorithm).__name__}'s head has {algorithm.ways} outputs, so it evaluates {algorithm.ways}-way tasks only"
+        )
     if hasattr(dataset, "sampler"):  # generated tasks: any setting can be drawn
         return
     for i, s in enumerate(eval_cfg.settings):
@@ -183,15 +187,12 @@ def check_settings(dataset, eval_cfg: DictConfig) -> None:
 
 def servable_settings(algorithm: Algorithm, settings: list[dict], console: Console) -> list[dict]:
     """The settings the model can be evaluated at: a MAML-family head has a fixed number of outputs, so
-    other ways are skipped with a note (a dataset's default settings may list 5- and 20-way tasks)."""
+    other ways are skipped with a note (a dataset's default settings may list 5- and 20-way tasks;
+    :func:`check_settings` has made sure one is left)."""
     if not algorithm.fixed_ways:
         return settings
     kept = [s for s in settings if s["ways"] == algorithm.ways]
     skipped = sorted({s["ways"] for s in settings} - {algorithm.ways})
-    if not kept:
-        raise ConfigError(
-            f"eval.settings: {type(algorithm).__name__}'s head has {algorithm.ways} outputs, so it evaluates {algorithm.ways}-way tasks only"
-        )
     if skipped:
         ways = ", ".join(f"{w}-way" for w in skipped)
         console.print(
@@ -218,8 +219,8 @@ def run_evaluation(
     check_values(eval_cfg, EvalConfig, "eval.")
     ckpt = load_checkpoint(checkpoint)
     dataset = build_dataset(cfg.dataset)
-    check_settings(dataset, eval_cfg)
     algorithm = build_algorithm(cfg, dataset).to(device)
+    check_settings(dataset, eval_cfg, algorithm)
     load_model_state(algorithm, ckpt["model"], ckpt["path"])
     bn_mode = resolve_bn_mode(algorithm, eval_cfg.bn_mode)
     console = console or Console()

@@ -72,10 +72,10 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
         check_episode(
             dataset.splits["val"], t.ways, t.shots, cfg.eval.queries, "val", ("task.ways", "task.shots", "eval.queries")
         )
-    if cfg.eval.after_train:
-        check_settings(dataset, cfg.eval)
     where = data_device(dataset, device, str(cfg.dataset.get("on_device", "auto")))
     algorithm = build_algorithm(cfg, dataset).to(device)
+    if cfg.eval.after_train:
+        check_settings(dataset, cfg.eval, algorithm)
     if tr.channels_last:
         algorithm = algorithm.to(memory_format=torch.channels_last)
     bn_mode = resolve_bn_mode(algorithm, cfg.eval.bn_mode)

@@ -59,3 +59,12 @@ def test_a_fixed_way_head_skips_other_ways_with_a_note(tmp_path, tiny):
         "eval", f"checkpoint={run}", "eval.settings=[{ways:5,shots:1}]", "logger=none", f"hydra.run.dir={tmp_path / 'e'}"
     )
     assert none_left.returncode != 0 and "evaluates 3-way tasks only" in none_left.stderr
+
+    # with no setting it can serve, training stops before its first step, not after its last
+    doomed = tmp_path / "doomed"
+    refused = run_cli(
+        "train", *tiny, "algo=fomaml", "task.ways=3", "task.meta_batch=2", "eval.settings=[{ways:5,shots:1}]",
+        f"hydra.run.dir={doomed}",
+    )  # fmt: skip
+    assert refused.returncode != 0 and "evaluates 3-way tasks only" in refused.stderr
+    assert not (doomed / "checkpoints").exists()
