@@ -78,11 +78,19 @@ def average(tensors: list[torch.Tensor], world: int) -> None:
 
 def on_every_rank(flag: torch.Tensor, world: int) -> torch.Tensor:
     """``flag`` and-ed over the processes, for decisions they must take together (skipping a step)."""
-    if world == 1:
-        return flag
-    agreed = flag.to(torch.int32)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    return agreed.bool()
+    return _reduce(flag.to(torch.int32), world, "MIN").bool() if world > 1 else flag
+
+
+def largest(value: torch.Tensor, world: int) -> torch.Tensor:
+    """An integer's maximum over the processes (a stop signal that reached only some of them)."""
+    return _reduce(value, world, "MAX")
+
+
+def _reduce(value: torch.Tensor, world: int, op: str) -> torch.Tensor:
+    if world > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=getattr(dist.ReduceOp, op))
+    return value
 
 
 def from_main(value: str, world: int) -> str:
@@ -95,5 +103,8 @@ def from_main(value: str, world: int) -> str:
 
 
 def shutdown() -> None:
+    """Leaves the process group once every rank is ready to: a rank that tore its connections down while
+    another was still writing checkpoints could abort at exit ("terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

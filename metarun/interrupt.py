@@ -39,7 +39,3 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + (self.signal or 0)

@@ -29,7 +29,16 @@ from metarun.checkpoint import (
 from metarun.config import TrainConfig, check_values
 from metarun.data.episodes import check_episode
 from metarun.device import autocast, resolve_device
-from metarun.distributed import average, average_gradients, check_divisible, from_main, init_distributed, on_every_rank, shutdown
+from metarun.distributed import (
+    average,
+    average_gradients,
+    check_divisible,
+    from_main,
+    init_distributed,
+    largest,
+    on_every_rank,
+    shutdown,
+)
 from metarun.errors import ConfigError, MetarunError
 from metarun.evaluation import check_settings, mean_ci95, resolve_bn_mode, run_evaluation, score_episodes
 from metarun.factory import build_algorithm, build_dataset, build_optimizer, build_sampler, build_scheduler, data_device
@@ -154,10 +163,21 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
             f"[bold]metarun train[/] → {run_dir}  ({algorithm.__class__.__name__}, {dataset.name}, {device}, {topo.world} process(es), eval.bn_mode={bn_mode})",
             soft_wrap=True,
         )
+
+    def stop_signal() -> int:
+        """The signal that asked any process to stop (0: none), the same on every rank."""
+        return int(largest(torch.tensor(stop.signal or 0, device=device), topo.world))
+
+    def stop_now() -> bool:
+        """One process stops as soon as it is asked; several agree at log steps, so they all stop at the same step."""
+        if topo.world == 1:
+            return stop.requested
+        return step % tr.log_every == 0 and stop_signal() > 0
+
     bad_step = torch.zeros((), dtype=torch.long, device=device)  # the first step whose loss was not finite (0: none)
     window_start, window_done = time.perf_counter(), 0
     with StopRequest() as stop, TrainingProgress(tr.steps, step, enabled=tr.progress and topo.is_main) as bar:
-        while step < tr.steps and not stop.requested:
+        while step < tr.steps and not stop_now():
             batch = algorithm.sample_batch(train_sampler, t.meta_batch, topo.shard)
             with autocast(device, tr.precision):
                 loss, metrics = loss_fn(batch)
@@ -220,7 +240,8 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
                 window_start = time.perf_counter()
 
     # -- interrupted: keep everything, say how to continue --------------------------
-    if stop.requested:
+    signum = stop_signal()
+    if signum:
         stop_if_not_finite()
         checkpoint("last.pt")
         if logger:
@@ -233,7 +254,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
                 highlight=False,
             )
         shutdown()
-        raise SystemExit(stop.exit_code)
+        raise SystemExit(128 + signum)
 
     # -- final evaluation of the best checkpoint ---------------------------------------
     if topo.is_main and best is None:

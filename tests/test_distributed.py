@@ -10,8 +10,11 @@ have written anything.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ import torch
 from metarun.checkpoint import load_checkpoint
 from metarun.loggers.jsonl import read_metrics
 from tests.conftest import REPO, run_cli
+from tests.test_resume import saved_step, wait_for_step
 
 ALGORITHMS = {
     "protonet": ["algo=protonet", "trainer.lr=0.1"],
@@ -28,11 +32,15 @@ ALGORITHMS = {
 }
 
 
-def torchrun(*args: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=2 -m metarun ...`` (CPU, so gloo)."""
+def torchrun_command(*args: str) -> tuple[list[str], dict]:
+    """``torchrun --standalone --nproc_per_node=2 -m metarun ...`` (CPU, so gloo) and its environment."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "metarun", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "metarun", *args], env
+
+
+def torchrun(*args: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd, env = torchrun_command(*args)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -69,3 +77,42 @@ def test_two_processes_take_the_steps_of_one(tmp_path, tiny, algo):
             assert abs(row_one[key] - row_two[key]) < 1e-3, key
     assert "2 process(es)" in two.stderr
     assert list(cwd.iterdir()) == []  # rank 1 wrote nothing, not even Hydra's folder or log
+
+
+def worker_pid(parent: int, rank: int) -> int:
+    """The PID of torchrun's worker of ``rank`` (a child of ``parent`` whose environment says so)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    raise AssertionError(f"no worker of rank {rank} under {parent}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker's PID in /proc")
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, tiny):
+    """SIGTERM reaching one rank only (a node pre-empted): all ranks stop together, rank 0 keeps last.pt."""
+    run = tmp_path / "run"
+    overrides = [
+        *tiny,
+        "device=cpu",
+        "task.meta_batch=2",
+        "trainer.steps=100000",
+        "trainer.val_every=100000",
+        "trainer.log_every=2",
+    ]
+    cmd, env = torchrun_command("train", *overrides, "eval.after_train=false", f"hydra.run.dir={run}")
+    process = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(process, run, 4)
+        os.kill(worker_pid(process.pid, rank=1), signal.SIGTERM)
+        _, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode != 0  # torchrun reports the workers' exit (128 + 15)
+    stopped = int(re.search(r"interrupted at step (\d+)/100000; resume with", err)[1])
+    assert stopped >= 4 and stopped % 2 == 0 and saved_step(run) == stopped  # agreed at a log step
+    assert "exitcode  : 143" in err and "terminate called" not in err
