@@ -88,10 +88,46 @@ def grouped_forward(
         elif isinstance(m, nn.ReLU):
             h = F.relu(h)
         elif isinstance(m, nn.MaxPool2d):
-            h = F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+            h = max_pool2d(h, m)
         else:  # Flatten: [n, tasks * c, h, w] -> [n, tasks, c * h * w]
             h = h.reshape(n, tasks, -1)
     return h.transpose(0, 1)
+
+
+def max_pool2d(x: torch.Tensor, m: nn.MaxPool2d) -> torch.Tensor:
+    """``m(x)`` for an NCHW ``x``, with the forward run by the channels_last kernel on a CPU.
+
+    There torch's NCHW max-pool kernel is 3-4x slower than its channels_last
+    one, even counting the copy into channels_last (8.1 vs 2.5 ms for
+    ``[10, 320, 28, 28]``, 2 threads): pooling was 17% of a Reptile step. Both
+    kernels pick the same maxima, and the backward is the native NCHW one, so
+    values and gradients (of every order) are unchanged.
+    """
+    if x.device.type != "cpu" or x.dim() != 4:
+        return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    args = [_pair(v) for v in (m.kernel_size, m.stride if m.stride is not None else m.kernel_size, m.padding, m.dilation)]
+    return _MaxPoolChannelsLast.apply(x, *args, m.ceil_mode)
+
+
+def _pair(v) -> list[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+class _MaxPoolChannelsLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
+        xl = x.contiguous(memory_format=torch.channels_last)
+        y, indices = torch.ops.aten.max_pool2d_with_indices(xl, kernel, stride, padding, dilation, ceil_mode)
+        indices = indices.contiguous()
+        ctx.save_for_backward(x, indices)
+        ctx.args = (kernel, stride, padding, dilation, ceil_mode)
+        return y.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        # differentiable (autograd records the native op when a second-order gradient is being built)
+        x, indices = ctx.saved_tensors
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *ctx.args, indices), None, None, None, None, None
 
 
 def _norm(m: EpisodeBatchNorm, name: str, params, buffers, h, tasks: int, mode: str, support_size: int, update_stats: bool):
