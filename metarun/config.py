@@ -185,6 +185,8 @@ class ReptileConfig:
     inner_optimizer: str = choice("adam", "sgd")
     #: samples per inner step, cycling through each task's support + query (null: all of them)
     inner_batch: Optional[int] = None
+    #: support samples per evaluation inner step (null: the whole support set every step)
+    inner_batch_eval: Optional[int] = None
     strategy: str = choice("auto", "grouped", "vmap", "loop")
     chunk_size: Optional[int] = None
 

@@ -56,15 +56,22 @@ class MAML(FunctionalLearner):
 
     # -- one task ------------------------------------------------------------------------
     def solve(
-        self, meta_params: Params, buffers: Params, xs, ys, xq, steps: int, bn_mode: str, first_order: bool
+        self, meta_params: Params, buffers: Params, xs, ys, xq, steps: int, bn_mode: str, first_order: bool, batches=None
     ) -> torch.Tensor:
-        """Adapts to ``(xs, ys)`` with ``steps`` inner steps and predicts ``xq`` (one task, or a grouped call's tasks)."""
+        """Adapts to ``(xs, ys)`` with ``steps`` inner steps and predicts ``xq`` (one task, or a grouped call's tasks).
+
+        ``batches`` (``[steps, b]`` support indices) gives each step a mini-batch; None: the whole support set."""
         lrs = self.inner_lrs(meta_params)
         model = self.per_task({"backbone": meta_params["backbone"], "head": meta_params["head"]})
         inner = self.inner_mode(bn_mode)
 
         def support_loss(p, step):
-            loss = self.loss(self.predict(p, buffers, xs, inner), ys)[0]
+            x, y = (
+                (xs, ys)
+                if batches is None
+                else (xs.index_select(self.sample_dim, batches[step]), ys.index_select(self.sample_dim, batches[step]))
+            )
+            loss = self.loss(self.predict(p, buffers, x, inner), y)[0]
             return loss.sum(), loss.detach()
 
         fast, _ = inner_loop(support_loss, model, lrs, steps, first_order, self.inner_optimizer, autograd=self.in_grouped_call)
@@ -100,17 +107,23 @@ class MAML(FunctionalLearner):
     def metric_name(self) -> str:
         return "mse" if self.regression else "acc"
 
-    def task_score(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, yq, bn_mode: str):
-        out = self.solve(meta_params, {**fixed, **stats}, xs, ys, xq, self.inner_steps_eval, bn_mode, True)
+    def task_score(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, yq, bn_mode: str, batches=None):
+        out = self.solve(meta_params, {**fixed, **stats}, xs, ys, xq, self.inner_steps_eval, bn_mode, True, batches)
         return self.loss(out, yq)[1], stats
+
+    def eval_batches(self, support_size: int, device: torch.device) -> torch.Tensor | None:
+        """The support mini-batch of each evaluation inner step (``[steps, b]`` indices); None: the whole set."""
+        return None
 
     def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
         check_bn_mode(bn_mode)
         params = self.detached(self.meta_parameters())
         images = episode.support_x.shape[1] + episode.query_x.shape[1]
 
+        batches = self.eval_batches(episode.support_x.shape[1], episode.support_x.device)
+
         def fn(mp, fixed, stats, xs, ys, xq, yq):
-            return self.task_score(mp, fixed, stats, xs, ys, xq, yq, bn_mode)
+            return self.task_score(mp, fixed, stats, xs, ys, xq, yq, bn_mode, batches)
 
         with torch.no_grad():
             return self.run_tasks(fn, (params,), (episode.support_x, episode.support_y, episode.query_x, episode.query_y), images)

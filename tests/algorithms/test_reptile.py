@@ -93,6 +93,31 @@ def test_minibatches_cycle_through_one_permutation():
 
 
 @pytest.mark.parametrize("strategy", ["grouped", "vmap", "loop"])
+def test_evaluation_on_support_minibatches_is_plain_sgd_on_them(strategy):
+    """``inner_batch_eval``: each evaluation step is an SGD step on its mini-batch, whatever the global RNG does."""
+    steps, lr, batch = 5, 0.05, 3
+    algo = linear_reptile(inner_lr=lr, inner_steps_eval=steps, inner_optimizer="sgd", inner_batch_eval=batch, strategy=strategy)
+    algo.eval()
+    ep = regression_tasks(n=7)
+    order = algo.eval_batches(7, torch.device("cpu"))
+    torch.manual_seed(123)  # the batches come from a fixed seed, not from the global state
+    assert torch.equal(algo.eval_batches(7, torch.device("cpu")), order)
+    assert order.shape == (steps, batch) and sorted(order.flatten()[:7].tolist()) == list(range(7))
+    expected = []
+    for t in range(ep.num_tasks):
+        phi = theta(algo)
+        for pick in order:
+            a = torch.cat([ep.support_x[t, pick], torch.ones(batch, 1, dtype=torch.float64)], 1)
+            phi = phi - lr * 2 / batch * a.T @ (a @ phi - ep.support_y[t, pick, 0])
+        aq = torch.cat([ep.query_x[t], torch.ones(len(ep.query_x[t]), 1, dtype=torch.float64)], 1)
+        expected.append((aq @ phi - ep.query_y[t, :, 0]).square().mean())
+    scores = algo.evaluate(ep, "transductive")
+    torch.testing.assert_close(scores, torch.stack(expected))
+    algo.inner_batch_eval = None  # full-batch steps give other scores: the option is used
+    assert not torch.allclose(algo.evaluate(ep, "transductive"), scores)
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "vmap", "loop"])
 def test_conv_backbone_with_batch_norm_runs_batched(strategy):
     torch.manual_seed(0)
     algo = Reptile(tiny_backbone("conv4"), 3, inner_steps=2, inner_batch=4, strategy=strategy).double()
@@ -122,7 +147,9 @@ def test_strategies_agree():
         assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads[0], other, strict=True))
 
 
-@pytest.mark.parametrize("kwargs", [{"inner_optimizer": "rmsprop"}, {"inner_steps": 0}, {"inner_batch": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"inner_optimizer": "rmsprop"}, {"inner_steps": 0}, {"inner_batch": 0}, {"inner_batch_eval": 0}]
+)
 def test_bad_options_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         Reptile(MLP((3,)), 2, **kwargs)
