@@ -72,7 +72,18 @@ TASK_KINDS = ("classification", "regression")
 #: 16 tasks 1.6x / 1.8x / 1.8x (all 32 at once: 0.9x / 2.2x / 1.7x), 20 images in calls of 8
 #: 1.4x / 1.4x / 1.6x, 40 images in calls of 4 1.2x / 1.1x / 1.5x, 100 images one task a call
 #: 1.06x / 1.03x / 1.04x (plain autograd instead of the loop's nested ``torch.func.grad``).
+#: Tasks of more than ``GROUPED_MAX_IMAGES_PER_TASK`` images go one a call: at 80 images (5-way
+#: 1-shot, 15 queries) calls of 2 tasks made second-order MAML 0.85-0.87x the benchmark's per-task
+#: loop, calls of 1 1.00-1.09x (``metarun bench --quick``).
 GROUPED_IMAGES_PER_CALL = 160
+GROUPED_MAX_IMAGES_PER_TASK = 40
+
+
+def tasks_per_call(images_per_task: int) -> int:
+    if images_per_task > GROUPED_MAX_IMAGES_PER_TASK:
+        return 1
+    return max(1, GROUPED_IMAGES_PER_CALL // max(images_per_task, 1))
+
 
 #: Without grouping, ``algo.strategy=auto`` uses vmap while a task forwards at most this many
 #: images through a convolutional backbone per inner step (support + query of
@@ -366,14 +377,17 @@ class FunctionalLearner(Algorithm):
         return task_loss(out, y, self.regression)
 
     # -- the batched call every algorithm goes through -----------------------------------
-    def run_tasks(self, fn: Callable, shared: tuple, batched: tuple, images_per_task: int):
-        """``fn(*shared, stats, fixed, *task)`` for every task; running statistics are updated per task and averaged."""
+    def run_tasks(self, fn: Callable, shared: tuple, batched: tuple, images_per_task: int, call_images: int | None = None):
+        """``fn(*shared, stats, fixed, *task)`` for every task; running statistics are updated per task and averaged.
+
+        ``call_images`` (default ``images_per_task``) sizes a grouped call: the images a task puts through
+        each forward of it, when ``fn`` splits its larger forwards into sub-calls itself (evaluation)."""
         stats, fixed = self.split_buffers()
         tasks = tree_flatten(batched)[0][0].shape[0]
         per_task = self.per_task_stats(stats, tasks)
         strategy = self.strategy_for(images_per_task)
         if strategy == "grouped":
-            chunk = self.chunk_size or max(1, GROUPED_IMAGES_PER_CALL // max(images_per_task, 1))
+            chunk = self.chunk_size or tasks_per_call(call_images or images_per_task)
             out, updated = self.run_grouped(fn, (*shared, fixed), (per_task, *batched), tasks, chunk)
         else:
             out, updated = map_tasks(fn, (*shared, fixed), (per_task, *batched), strategy, self.chunk_size)

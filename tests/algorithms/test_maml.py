@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from metarun.algorithms import functional
 from metarun.algorithms.functional import AUTO_VMAP_MAX_IMAGES, auto_strategy
 from metarun.algorithms.maml import MAML
 from metarun.data.episodes import Episode
@@ -106,6 +107,29 @@ def test_evaluation_is_the_same_with_either_strategy(bn_mode):
         assert out.shape == (4,) and ((out >= 0) & (out <= 1)).all()
         scores.append(out)
     assert torch.equal(scores[0], scores[1])
+
+
+@pytest.mark.parametrize("bn_mode", ["transductive", "support", "running"])
+def test_grouped_evaluation_runs_its_queries_in_sub_calls_with_the_loops_predictions(bn_mode, monkeypatch):
+    """A grouped evaluation call is sized by the support images of an inner step; its query forward is
+    split into smaller calls (here 2 or 1 tasks of 5), which must not change a single logit."""
+    monkeypatch.setattr(functional, "GROUPED_IMAGES_PER_CALL", 24)  # 4 tasks of 6 support images a call
+    data = data_for("conv4", tasks=5, queries=4)
+    logits = {}
+    for strategy in ("grouped", "loop"):
+        algo = build("conv4", inner_steps_eval=2, strategy=strategy)
+        with torch.no_grad():
+            for m in algo.backbone.modules():
+                if hasattr(m, "running_mean"):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+        algo.eval()
+        seen, loss = [], algo.loss
+        monkeypatch.setattr(algo, "loss", lambda out, y, seen=seen, loss=loss: (seen.append(out), loss(out, y))[1])
+        algo.evaluate(episode(data), bn_mode)
+        logits[strategy] = torch.cat([o.reshape(-1, 3) for o in seen if o.shape[-2] == 12])  # queries, not support
+    assert logits["grouped"].shape == (5 * 12, 3)
+    torch.testing.assert_close(logits["grouped"], logits["loop"], rtol=1e-9, atol=1e-9)
 
 
 def test_bn_modes_decide_what_a_query_is_normalised_with():
