@@ -48,6 +48,7 @@ from metarun.evaluation import resolve_bn_mode, score_episodes
 from metarun.factory import build_algorithm, build_optimizer, build_sampler
 
 GRADIENT_BASED = ("maml", "fomaml", "anil", "metasgd", "reptile")
+SAMPLER_ROUNDS = 20  # meta-batches sampled per timed call
 ALGORITHMS = (*GRADIENT_BASED, "protonet", "finetune")
 
 
@@ -313,10 +314,22 @@ class Bench:
         loaders = {
             w: ref.DataLoaderEpisodes(split, ds.mean, ds.std, shape.ways, shape.shots, shape.queries, workers=w) for w in (0, 2)
         }
-        paths = {"engine": lambda: engine.sample(t)} | {
-            f"dataloader(workers={w})": (lambda loader=loader: loader.sample(t)) for w, loader in loaders.items()
+        # A meta-batch samples in milliseconds, where one scheduler hiccup is a large error (single
+        # calls measured 3x-11x the reference from run to run): each timed call samples many.
+        rounds = SAMPLER_ROUNDS
+
+        def repeated(sample: Callable[[int], object]) -> Callable[[], None]:
+            def run() -> None:
+                for _ in range(rounds):
+                    sample(t)
+
+            return run
+
+        paths = {"engine": repeated(engine.sample)} | {
+            f"dataloader(workers={w})": repeated(loader.sample) for w, loader in loaders.items()
         }
         timing = measure(paths, self.repeats, self.warmup, torch.device("cpu") if self.device.type == "cpu" else self.device)
+        timing = {k: replace(v, seconds=v.seconds / rounds) for k, v in timing.items()}  # per meta-batch
         best = min((k for k in timing if k != "engine"), key=lambda k: timing[k].seconds)
         fast, slow = timing["engine"], timing[best]
         self.add(
