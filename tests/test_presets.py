@@ -109,4 +109,5 @@ def test_an_algorithm_on_a_dataset_gets_its_own_defaults_which_anything_explicit
         ]
     }
     assert list(steps.values()) == [1500, 5000, 2000, 7, 60000]
-    assert compose_config("train", ["algo=reptile", "dataset=omniglot"]).trainer.val_every == 1000
+    reptile = compose_config("train", ["algo=reptile", "dataset=omniglot"])
+    assert (reptile.trainer.val_every, reptile.task.meta_batch, reptile.algo.inner_batch) == (1350, 16, 10)
