@@ -138,6 +138,5 @@ class MAML(FunctionalLearner):
             return self.task_score(mp, fixed, stats, xs, ys, xq, yq, bn_mode, batches)
 
         with torch.no_grad():
-            return self.run_tasks(fn, (params,), (episode.support_x, episode.support_y, episode.query_x, episode.query_y),
-                support + episode.query_x.shape[1], step_images,
-            )  # fmt: skip
+            tasks = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+            return self.run_tasks(fn, (params,), tasks, support + episode.query_x.shape[1], step_images)

@@ -12,20 +12,37 @@ from tests.algorithms.reference import reference_maml, tiny_backbone, tiny_mlp_t
 TOL = 1e-5
 
 
+@pytest.mark.parametrize("task_by_task", [True, False], ids=["task_by_task", "folded"])
 @pytest.mark.parametrize("strategy", ["vmap", "loop"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 @pytest.mark.parametrize("kind", ["conv4", "mlp"])
-def test_meta_gradient_matches_the_reference(kind, first_order, strategy):
+def test_meta_gradient_matches_the_reference(kind, first_order, strategy, task_by_task, monkeypatch):
+    """Both backbone passes: task by task (CPUs) and one folded backward (accelerators)."""
+    monkeypatch.setattr(ANIL, "task_by_task", staticmethod(lambda batch: task_by_task))
     torch.manual_seed(0)
     algo = ANIL(tiny_backbone(kind), 3, inner_lr=0.5, inner_steps=3, first_order=first_order, strategy=strategy).double()
     xs, ys, xq, yq = tiny_tasks(tasks=3) if kind == "conv4" else tiny_mlp_tasks(tasks=3)
-    expected, _, stats = reference_maml(algo, xs, ys, xq, yq, steps=3, first_order=first_order, head_only=True)
+    expected, _, _ = reference_maml(algo, xs, ys, xq, yq, steps=3, first_order=first_order, head_only=True)
     loss, metrics = algo.training_loss(Episode(xs, ys, xq, yq, 3))
     params = [*algo.backbone.parameters(), algo.head.weight, algo.head.bias]
     got = torch.autograd.grad(loss, params)
     assert max((a - b).abs().max().item() for a, b in zip(got, expected, strict=True)) < TOL
     assert got[0].abs().sum() > 0  # the backbone is meta-learned through the head's adaptation
     assert 0 <= metrics["acc"] <= 1
+
+
+def test_task_by_task_and_folded_passes_update_the_running_statistics_alike(monkeypatch):
+    """The reference forwards the backbone at every inner step, so only the two passes are compared here."""
+    buffers = {}
+    for task_by_task in (True, False):
+        monkeypatch.setattr(ANIL, "task_by_task", staticmethod(lambda batch, flag=task_by_task: flag))
+        torch.manual_seed(0)
+        algo = ANIL(tiny_backbone("conv4"), 3, inner_steps=2).double()
+        algo.training_loss(Episode(*tiny_tasks(tasks=3), 3))
+        buffers[task_by_task] = {k: v.clone() for k, v in algo.backbone.named_buffers()}
+    assert not torch.equal(buffers[True]["features.0.1.running_mean"], torch.zeros(4, dtype=torch.float64))
+    for name, value in buffers[True].items():
+        torch.testing.assert_close(value, buffers[False][name], rtol=0, atol=1e-12)
 
 
 def test_the_backbone_runs_once_per_set_and_task():
