@@ -105,7 +105,11 @@ def unknown_key(ex: BaseException) -> MetarunError | None:
         or not dataclasses.is_dataclass(cause.object_type)
     ):
         return None
-    key = cause.full_key if "." in cause.full_key or cause.full_key == match[1] else f"{match[1]}.{cause.full_key}"
+    typed, missing = match[1], cause.full_key
+    if "." in missing or typed == missing or typed.startswith(f"{missing}."):  # `a.b=1` with no `a`: names `a`
+        key = missing
+    else:  # `a={b:1}`: the key is a child of the one typed
+        key = f"{typed}.{missing}"
     return named(key, cause.object_type)
 
 

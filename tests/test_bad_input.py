@@ -228,6 +228,11 @@ CHECKPOINT_CASES = {
         ("eval.settings[0].ways=30",),
     ),
     "eval: bad value": (["eval", "checkpoint={run}", "eval.batch_tasks=0"], 2, ("eval.batch_tasks=0: must be at least 1",)),
+    "eval: a key only training has": (
+        ["eval", "checkpoint={run}", "algo.inner_steps_eval=3"],
+        2,
+        ("unknown key 'algo': valid keys are checkpoint, device, eval, logger",),
+    ),
     "resume: missing": (["train", "resume={damaged}/nope"], 1, ("nope does not exist",)),
     "resume: truncated": (["train", "resume={damaged}/truncated.pt"], 1, ("unreadable or truncated",)),
     "resume: another format": (["train", "resume={damaged}/old.pt"], 1, ("checkpoint format 0",)),
