@@ -314,13 +314,12 @@ class Bench:
         loaders = {
             w: ref.DataLoaderEpisodes(split, ds.mean, ds.std, shape.ways, shape.shots, shape.queries, workers=w) for w in (0, 2)
         }
+
         # A meta-batch samples in milliseconds, where one scheduler hiccup is a large error (single
         # calls measured 3x-11x the reference from run to run): each timed call samples many.
-        rounds = SAMPLER_ROUNDS
-
         def repeated(sample: Callable[[int], object]) -> Callable[[], None]:
             def run() -> None:
-                for _ in range(rounds):
+                for _ in range(SAMPLER_ROUNDS):
                     sample(t)
 
             return run
@@ -329,7 +328,7 @@ class Bench:
             f"dataloader(workers={w})": repeated(loader.sample) for w, loader in loaders.items()
         }
         timing = measure(paths, self.repeats, self.warmup, torch.device("cpu") if self.device.type == "cpu" else self.device)
-        timing = {k: replace(v, seconds=v.seconds / rounds) for k, v in timing.items()}  # per meta-batch
+        timing = {k: replace(v, seconds=v.seconds / SAMPLER_ROUNDS) for k, v in timing.items()}  # per meta-batch
         best = min((k for k in timing if k != "engine"), key=lambda k: timing[k].seconds)
         fast, slow = timing["engine"], timing[best]
         self.add(

@@ -22,13 +22,17 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from metarun.algorithms.base import surrogate_loss
-from metarun.algorithms.functional import Params, check_bn_mode, fold_features, inner_loop, map_tasks
+from metarun.algorithms.functional import (
+    GROUPED_MAX_IMAGES_PER_TASK,
+    Params,
+    check_bn_mode,
+    fold_features,
+    inner_loop,
+    map_tasks,
+)
 from metarun.algorithms.maml import MAML
 from metarun.data.episodes import Episode
 from metarun.models.norm import one_task_per_call
-
-#: Tasks above this many images (support + query) run their backbone pass one by one on a CPU.
-TASK_BY_TASK_IMAGES = 40
 
 
 class ANIL(MAML):
@@ -81,23 +85,24 @@ class ANIL(MAML):
 
     @staticmethod
     def task_by_task(batch: Episode) -> bool:
-        """On a CPU, for tasks of more than TASK_BY_TASK_IMAGES images: measured against the per-task
-        loop (``metarun bench --quick``), 5-way 1-shot 15 queries went from 0.76-0.86x to 0.96-1.02x
-        (peak memory 516 -> 163 MB), while 1 query fell from 1.00-1.04x to 0.77-0.83x."""
+        """On a CPU, for tasks above the size at which grouped calls too take one task each: measured
+        against the per-task loop (``metarun bench --quick``), 5-way 1-shot 15 queries went from
+        0.76-0.86x to 0.96-1.02x (peak memory 516 -> 163 MB), while 1 query fell from 1.00-1.04x
+        to 0.77-0.83x."""
         images = batch.support_x.shape[1] + batch.query_x.shape[1]
-        return batch.support_x.device.type == "cpu" and batch.num_tasks > 1 and images > TASK_BY_TASK_IMAGES
+        return batch.support_x.device.type == "cpu" and batch.num_tasks > 1 and images > GROUPED_MAX_IMAGES_PER_TASK
 
     def training_loss_task_by_task(self, batch: Episode, head: Params):
         """Each task's backbone forward and backward in turn, so that one task's activations are alive
         at a time, not the meta-batch's (see :meth:`task_by_task`). The meta-gradient is accumulated
         here and handed over as a surrogate, as MAML's is."""
-        backbone = dict(self.backbone.named_parameters())
+        backbone, fixed_head = dict(self.backbone.named_parameters()), self.detached(head)
         sums, losses, scores = None, [], []
         with one_task_per_call(self.backbone) as next_task:
             for t in range(batch.num_tasks):
                 zs, zq = fold_features(self.backbone, batch.support_x[t : t + 1], batch.query_x[t : t + 1], "transductive")
                 (g_head, g_zs, g_zq), loss, score = self.task_meta_gradient(
-                    self.detached(head), zs[0].detach(), batch.support_y[t], zq[0].detach(), batch.query_y[t]
+                    fixed_head, zs[0].detach(), batch.support_y[t], zq[0].detach(), batch.query_y[t]
                 )
                 g_backbone = torch.autograd.grad([zs, zq], list(backbone.values()), [g_zs[None], g_zq[None]])
                 next_task()

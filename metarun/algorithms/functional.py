@@ -122,6 +122,14 @@ def map_tasks(fn: Callable, shared: tuple, batched: tuple, strategy: str, chunk_
     return tree_map(lambda *xs: torch.stack(xs), outs[0], *outs[1:])
 
 
+def map_chunks(fn: Callable, batched: tuple, size: int):
+    """``fn(*chunk)`` on consecutive chunks of ``size`` along the leading dim of the ``batched`` pytrees,
+    outputs concatenated (a grouped call's tasks, or a sub-call of them)."""
+    tasks = tree_flatten(batched)[0][0].shape[0]
+    outs = [fn(*tree_map(lambda b, start=start: b[start : start + size], batched)) for start in range(0, tasks, size)]
+    return outs[0] if len(outs) == 1 else tree_map(lambda *xs: torch.cat(xs), outs[0], *outs[1:])
+
+
 def autograd_grad(fn: Callable, has_aux: bool = False, create_graph: bool = False) -> Callable:
     """``torch.func.grad``'s contract (gradient of ``fn`` with respect to its first argument) with plain autograd.
 
@@ -388,29 +396,29 @@ class FunctionalLearner(Algorithm):
         strategy = self.strategy_for(images_per_task)
         if strategy == "grouped":
             chunk = self.chunk_size or tasks_per_call(call_images or images_per_task)
-            out, updated = self.run_grouped(fn, (*shared, fixed), (per_task, *batched), tasks, chunk)
+            out, updated = self.run_grouped(fn, (*shared, fixed), (per_task, *batched), chunk)
         else:
             out, updated = map_tasks(fn, (*shared, fixed), (per_task, *batched), strategy, self.chunk_size)
         if stats:
             self.write_back_stats(stats, updated)
         return out
 
-    def run_grouped(self, fn: Callable, shared: tuple, batched: tuple, tasks: int, size: int):
+    def run_grouped(self, fn: Callable, shared: tuple, batched: tuple, size: int):
         """``fn`` called on ``size`` tasks at a time with their tensors stacked, outputs concatenated.
 
         Chunks keep each call's activations small enough for the caches (see
         :data:`GROUPED_IMAGES_PER_CALL`): one call for 32 tasks of 100 images is
         3x slower than a loop over them.
         """
-        outs = []
-        for start in range(0, tasks, size):
-            chunk = tree_map(lambda b, start=start: b[start : start + size], batched)
-            self.grouped_tasks = min(size, tasks - start)
+
+        def call(*chunk):
+            self.grouped_tasks = tree_flatten(chunk)[0][0].shape[0]
             try:
-                outs.append(fn(*shared, *chunk))
+                return fn(*shared, *chunk)
             finally:
                 self.grouped_tasks = None
-        return outs[0] if len(outs) == 1 else tree_map(lambda *xs: torch.cat(xs), outs[0], *outs[1:])
+
+        return map_chunks(call, batched, size)
 
     def detached(self, params: Params) -> Params:
         return tree_map(torch.Tensor.detach, params)

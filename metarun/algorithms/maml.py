@@ -21,7 +21,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from metarun.algorithms.base import surrogate_loss
-from metarun.algorithms.functional import FunctionalLearner, Params, check_bn_mode, inner_loop, tasks_per_call
+from metarun.algorithms.functional import FunctionalLearner, Params, check_bn_mode, inner_loop, map_chunks, tasks_per_call
 from metarun.data.episodes import Episode
 from metarun.errors import ConfigError
 
@@ -75,19 +75,18 @@ class MAML(FunctionalLearner):
             return loss.sum(), loss.detach()
 
         fast, _ = inner_loop(support_loss, model, lrs, steps, first_order, self.inner_optimizer, autograd=self.in_grouped_call)
+
+        def query_outputs(weights: Params, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+            return self.head_forward(weights, self.embed_query(weights, buffers, support, query, bn_mode))
+
         if not self.in_grouped_call or self.training:
-            return self.head_forward(fast, self.embed_query(fast, buffers, xs, xq, bn_mode))
+            return query_outputs(fast, xs, xq)
         # Evaluation sizes a grouped call by the support images of one inner step (run_tasks'
         # call_images), so its larger query forward runs in sub-calls; outside training every buffer
         # is shared by the tasks. (Training keeps one size for both: calls of 32 tasks of 5 support
         # images made second-order MAML 0.64x the per-task loop at 5-way 1-shot, 1 query.)
         size = tasks_per_call(xq.shape[1] + (xs.shape[1] if bn_mode == "support" else 0))
-        outs = []
-        for start in range(0, xq.shape[0], size):
-            part = slice(start, start + size)
-            weights = tree_map(lambda p, part=part: p[part], fast)
-            outs.append(self.head_forward(weights, self.embed_query(weights, buffers, xs[part], xq[part], bn_mode)))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return map_chunks(query_outputs, (fast, xs, xq), size)
 
     def task_meta_gradient(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, yq):
         """Per-task meta-gradient, loss and score; ``stats`` are this task's running statistics (updated in place)."""

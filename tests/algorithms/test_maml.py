@@ -35,6 +35,15 @@ def meta_gradient(algo, data):
     return torch.autograd.grad(loss, params), metrics
 
 
+@torch.no_grad()
+def randomize_running_statistics(algo) -> None:
+    """Non-trivial running statistics, so that a mode that uses them is told from one that does not."""
+    for m in algo.backbone.modules():
+        if hasattr(m, "running_mean"):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+
+
 def max_error(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
@@ -97,11 +106,7 @@ def test_evaluation_is_the_same_with_either_strategy(bn_mode):
     scores = []
     for strategy in ("grouped", "vmap", "loop"):
         algo = build("conv4", inner_steps_eval=3, strategy=strategy)
-        with torch.no_grad():  # non-trivial running statistics
-            for m in algo.backbone.modules():
-                if hasattr(m, "running_mean"):
-                    m.running_mean.uniform_(-0.5, 0.5)
-                    m.running_var.uniform_(0.5, 2.0)
+        randomize_running_statistics(algo)
         algo.eval()
         out = algo.evaluate(episode(data), bn_mode)
         assert out.shape == (4,) and ((out >= 0) & (out <= 1)).all()
@@ -118,11 +123,7 @@ def test_grouped_evaluation_runs_its_queries_in_sub_calls_with_the_loops_predict
     logits = {}
     for strategy in ("grouped", "loop"):
         algo = build("conv4", inner_steps_eval=2, strategy=strategy)
-        with torch.no_grad():
-            for m in algo.backbone.modules():
-                if hasattr(m, "running_mean"):
-                    m.running_mean.uniform_(-0.5, 0.5)
-                    m.running_var.uniform_(0.5, 2.0)
+        randomize_running_statistics(algo)
         algo.eval()
         seen, loss = [], algo.loss
         monkeypatch.setattr(algo, "loss", lambda out, y, seen=seen, loss=loss: (seen.append(out), loss(out, y))[1])
