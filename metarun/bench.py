@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from metarun import bench_reference as ref
 from metarun.data.episodes import EpisodeSampler, fixed_episodes
 from metarun.data.split import FewShotDataset, Split
-from metarun.device import autocast, resolve_device, synchronize
+from metarun.device import autocast, compile_step, resolve_device, synchronize
 from metarun.evaluation import resolve_bn_mode, score_episodes
 from metarun.factory import build_algorithm, build_optimizer, build_sampler
 
@@ -376,7 +376,7 @@ class Bench:
         tr = cfg.trainer
         optimizer = build_optimizer(algorithm, tr.optimizer, tr.lr, tr.weight_decay)
         scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
-        loss_fn = torch.compile(algorithm.training_loss) if settings.compile else algorithm.training_loss
+        loss_fn = compile_step(algorithm) if settings.compile else algorithm.training_loss
         sampler = self.sampler(shape, "train", settings)
         plain = self.sampler(shape, "train", Settings())
         t = shape.meta_batch

@@ -286,7 +286,7 @@ class FinetuneReference:
         xs, ys, xq, yq = task(episode, 0)
         with torch.no_grad():
             zs, zq = self.backbone(xs), self.backbone(xq)
-        head = nn.Linear(zs.shape[1], episode.ways)
+        head = nn.Linear(zs.shape[1], episode.ways, device=zs.device)
         opt = torch.optim.Adam(head.parameters(), lr=self.lr)
         for _ in range(self.steps):
             opt.zero_grad()

@@ -39,6 +39,23 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def compile_step(algorithm):
+    """``torch.compile`` of an algorithm's meta-step, for the fixed shapes of one run.
+
+    Second-order meta-gradients through the backbone (MAML, Meta-SGD) compiled without an error but
+    came out wrong (torch 2.13: losses off from the second step, gradients from the first), so such
+    algorithms refuse (``Algorithm.compiles``). ``dynamic=False``: once a second call made dynamo
+    recompile with symbolic shapes, inductor failed on the grouped convolutions ("cannot determine
+    truth value of Relational").
+    """
+    if not algorithm.compiles:
+        raise ConfigError(
+            "trainer.compile=true: torch.compile gets second-order meta-gradients wrong; "
+            "use algo.first_order=true (algo=fomaml) or trainer.compile=false"
+        )
+    return torch.compile(algorithm.training_loss, dynamic=False)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

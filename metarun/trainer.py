@@ -28,7 +28,7 @@ from metarun.checkpoint import (
 )
 from metarun.config import TrainConfig, check_values
 from metarun.data.episodes import check_episode
-from metarun.device import autocast, resolve_device
+from metarun.device import autocast, compile_step, resolve_device
 from metarun.distributed import (
     average,
     average_gradients,
@@ -97,7 +97,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
     optimizer = build_optimizer(algorithm, tr.optimizer, tr.lr, tr.weight_decay)
     scheduler = build_scheduler(optimizer, tr.schedule, tr.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=tr.precision == "fp16")
-    loss_fn = torch.compile(algorithm.training_loss) if tr.compile else algorithm.training_loss
+    loss_fn = compile_step(algorithm) if tr.compile else algorithm.training_loss
     params = [p for p in algorithm.parameters() if p.requires_grad]
     running_stats = [b for b in algorithm.buffers() if b.is_floating_point()]
     step, best, saved_step = 0, None, None

@@ -98,6 +98,11 @@ TRAIN_CASES = {
     "wrong type": Case(["task.ways=five"], 2, ("task.ways=five", "Integer")),
     "not a choice": Case(["trainer.nan_policy=ignore"], 2, ("trainer.nan_policy=ignore: valid values are stop, skip",)),
     "zero interval": Case(["trainer.val_every=0"], 2, ("trainer.val_every=0: must be at least 1",)),
+    "compiled second order": Case(
+        ["algo=maml", "trainer.compile=true"],
+        2,
+        ("torch.compile gets second-order meta-gradients wrong", "algo.first_order=true"),
+    ),
     "negative steps": Case(["trainer.steps=-5"], 2, ("trainer.steps=-5: must be at least 0",)),
     "dataset too small": Case(["dataset.num_classes=20"], 2, ("num_classes=20 must exceed",)),
     # impossible episodes, for training and for evaluation, before any training work

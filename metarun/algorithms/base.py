@@ -24,6 +24,8 @@ class Algorithm(nn.Module):
     default_bn_mode: str = "transductive"
     #: whether episodes must have ``ways`` classes (a meta-learned head); else any number is served
     fixed_ways: bool = False
+    #: whether ``torch.compile`` computes the meta-step right (see :func:`metarun.device.compile_step`)
+    compiles: bool = True
 
     def __init__(self, backbone: nn.Module, ways: int) -> None:
         super().__init__()

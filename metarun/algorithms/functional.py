@@ -79,7 +79,11 @@ GROUPED_IMAGES_PER_CALL = 160
 GROUPED_MAX_IMAGES_PER_TASK = 40
 
 
-def tasks_per_call(images_per_task: int) -> int:
+def tasks_per_call(images_per_task: int, device: torch.device) -> int | None:
+    """Tasks in one grouped call; None: all of them. The limits above are about a CPU's caches: a GPU
+    runs a meta-batch fastest as one call, since its cost is kernel launches, not cache misses."""
+    if device.type != "cpu":
+        return None
     if images_per_task > GROUPED_MAX_IMAGES_PER_TASK:
         return 1
     return max(1, GROUPED_IMAGES_PER_CALL // max(images_per_task, 1))
@@ -122,10 +126,11 @@ def map_tasks(fn: Callable, shared: tuple, batched: tuple, strategy: str, chunk_
     return tree_map(lambda *xs: torch.stack(xs), outs[0], *outs[1:])
 
 
-def map_chunks(fn: Callable, batched: tuple, size: int):
-    """``fn(*chunk)`` on consecutive chunks of ``size`` along the leading dim of the ``batched`` pytrees,
-    outputs concatenated (a grouped call's tasks, or a sub-call of them)."""
+def map_chunks(fn: Callable, batched: tuple, size: int | None):
+    """``fn(*chunk)`` on consecutive chunks of ``size`` (None: one chunk) along the leading dim of the
+    ``batched`` pytrees, outputs concatenated (a grouped call's tasks, or a sub-call of them)."""
     tasks = tree_flatten(batched)[0][0].shape[0]
+    size = size or tasks
     outs = [fn(*tree_map(lambda b, start=start: b[start : start + size], batched)) for start in range(0, tasks, size)]
     return outs[0] if len(outs) == 1 else tree_map(lambda *xs: torch.cat(xs), outs[0], *outs[1:])
 
@@ -391,11 +396,12 @@ class FunctionalLearner(Algorithm):
         ``call_images`` (default ``images_per_task``) sizes a grouped call: the images a task puts through
         each forward of it, when ``fn`` splits its larger forwards into sub-calls itself (evaluation)."""
         stats, fixed = self.split_buffers()
-        tasks = tree_flatten(batched)[0][0].shape[0]
+        first = tree_flatten(batched)[0][0]
+        tasks = first.shape[0]
         per_task = self.per_task_stats(stats, tasks)
         strategy = self.strategy_for(images_per_task)
         if strategy == "grouped":
-            chunk = self.chunk_size or tasks_per_call(call_images or images_per_task)
+            chunk = self.chunk_size or tasks_per_call(call_images or images_per_task, first.device)
             out, updated = self.run_grouped(fn, (*shared, fixed), (per_task, *batched), chunk)
         else:
             out, updated = map_tasks(fn, (*shared, fixed), (per_task, *batched), strategy, self.chunk_size)
@@ -403,7 +409,7 @@ class FunctionalLearner(Algorithm):
             self.write_back_stats(stats, updated)
         return out
 
-    def run_grouped(self, fn: Callable, shared: tuple, batched: tuple, size: int):
+    def run_grouped(self, fn: Callable, shared: tuple, batched: tuple, size: int | None):
         """``fn`` called on ``size`` tasks at a time with their tensors stacked, outputs concatenated.
 
         Chunks keep each call's activations small enough for the caches (see

@@ -49,6 +49,12 @@ class MAML(FunctionalLearner):
         self.inner_lr, self.inner_steps, self.inner_steps_eval = inner_lr, inner_steps, inner_steps_eval
         self.first_order = first_order
 
+    @property
+    def compiles(self) -> bool:
+        """Compiled second-order meta-gradients through the backbone came out wrong; ANIL's through its head
+        alone matched the eager ones (1e-5), and so did first-order ones."""
+        return self.first_order or not self.adapts_backbone
+
     # -- what differs between MAML, ANIL and Meta-SGD ------------------------------------
     def inner_lrs(self, meta_params: Params) -> Params | float:
         """The inner learning rate(s) for the adapted parameters (Meta-SGD: learned, per parameter)."""
@@ -85,7 +91,7 @@ class MAML(FunctionalLearner):
         # call_images), so its larger query forward runs in sub-calls; outside training every buffer
         # is shared by the tasks. (Training keeps one size for both: calls of 32 tasks of 5 support
         # images made second-order MAML 0.64x the per-task loop at 5-way 1-shot, 1 query.)
-        size = tasks_per_call(xq.shape[1] + (xs.shape[1] if bn_mode == "support" else 0))
+        size = tasks_per_call(xq.shape[1] + (xs.shape[1] if bn_mode == "support" else 0), xq.device)
         return map_chunks(query_outputs, (fast, xs, xq), size)
 
     def task_meta_gradient(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, yq):

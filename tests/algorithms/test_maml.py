@@ -187,6 +187,16 @@ def test_auto_strategy_rule():
     assert auto_strategy(10_000, convolutional=False) == "vmap"
 
 
+def test_grouped_call_sizes_follow_the_cpus_caches_and_take_everything_on_a_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert functional.tasks_per_call(10, cpu) == functional.GROUPED_IMAGES_PER_CALL // 10
+    assert functional.tasks_per_call(functional.GROUPED_MAX_IMAGES_PER_TASK + 1, cpu) == 1
+    assert functional.tasks_per_call(10, gpu) is None and functional.tasks_per_call(100, gpu) is None
+    calls = []
+    out = functional.map_chunks(lambda x: calls.append(len(x)) or x * 2, (torch.arange(7),), None)
+    assert calls == [7] and out.tolist() == [2 * i for i in range(7)]
+
+
 def test_grouped_calls_in_chunks_give_the_same_meta_gradient():
     data = tiny_tasks(tasks=5)
     whole, _ = meta_gradient(build("conv4", inner_steps=2, strategy="grouped", chunk_size=5), data)
