@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import metarun
+from metarun.algorithms.base import Algorithm
 from metarun.data.cache import atomic_torch_save
 from metarun.errors import CheckpointError
 
@@ -91,8 +92,9 @@ def load_checkpoint(path: str | Path, prefer: str = "best.pt") -> dict:
     return ckpt
 
 
-def load_model_state(model: torch.nn.Module, state: dict, source: Path) -> None:
+def load_model_state(model: Algorithm, state: dict, source: Path) -> None:
     """Loads weights, naming the keys that differ when the model config does not match."""
+    state = model.upgrade_state(state)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

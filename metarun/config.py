@@ -187,6 +187,9 @@ class ReptileConfig:
     inner_batch: Optional[int] = None
     #: support samples per evaluation inner step (null: the whole support set every step)
     inner_batch_eval: Optional[int] = None
+    #: Adam's moments carry over from task to task and into evaluation, as in the paper's code
+    #: (false: every task starts Adam afresh)
+    carry_adam_state: bool = True
     strategy: str = choice("auto", "grouped", "vmap", "loop")
     chunk_size: Optional[int] = None
 

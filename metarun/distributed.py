@@ -55,10 +55,10 @@ def check_divisible(meta_batch: int, world: int) -> None:
 def average_gradients(params: list[torch.nn.Parameter], world: int, buffers: list[torch.Tensor] = ()) -> None:
     """Every gradient, and ``buffers``, averaged over the processes in one all-reduce.
 
-    The buffers are batch norm's running statistics: each rank moved them
-    towards the statistics of its own tasks, and as that update is linear in
-    the statistics, their mean over ranks is what one process computes from
-    the whole meta-batch.
+    The buffers are batch norm's running statistics (and Reptile's carried
+    Adam moments): each rank moved them towards the mean over its own tasks,
+    and as that update is linear in those, their mean over ranks is what one
+    process computes from the whole meta-batch.
     """
     average([p.grad for p in params if p.grad is not None] + list(buffers), world)
 

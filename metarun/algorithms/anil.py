@@ -50,7 +50,7 @@ class ANIL(MAML):
             loss = self.loss(self.head_forward({"head": h}, zs), ys)[0]
             return loss.sum(), loss.detach()
 
-        fast, _ = inner_loop(head_loss, head, self.inner_lr, steps, first_order, self.inner_optimizer)
+        fast, _, _ = inner_loop(head_loss, head, self.inner_lr, steps, first_order, self.inner_optimizer)
         return self.head_forward({"head": fast}, zq)
 
     def task_meta_gradient(self, head: Params, zs, ys, zq, yq):

@@ -43,6 +43,10 @@ class Algorithm(nn.Module):
         """One score per task ``[tasks]`` after solving each task from its support set."""
         raise NotImplementedError
 
+    def upgrade_state(self, state: dict) -> dict:
+        """A checkpoint's model state from an earlier version of the algorithm, in this version's keys."""
+        return state
+
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean accuracy over the last-but-one dim: ``[..., n, ways]`` logits -> ``[...]``."""

@@ -168,25 +168,32 @@ def inner_loop(
     betas: tuple[float, float] = (0.0, 0.999),
     eps: float = 1e-8,
     autograd: bool = False,
-) -> tuple[Params, Any]:
+    moments: tuple[Params, Params, torch.Tensor] | None = None,
+) -> tuple[Params, Any, tuple[Params, Params] | None]:
     """``steps`` gradient steps on ``loss_fn(params, step) -> (loss, aux)`` for one task.
 
     ``lrs`` is one float or a pytree like ``params`` (Meta-SGD's learned
     per-parameter rates). Gradients are taken with ``torch.func.grad``, so an
     enclosing ``grad`` differentiates through the steps (second order) unless
     ``first_order``, which detaches them (FOMAML; Reptile never differentiates).
-    ``adam`` keeps its moments per task. ``autograd`` takes the gradients with
+    ``adam`` starts from zero moments, or from ``moments`` (first, second, steps
+    already taken: Reptile's carried state). ``autograd`` takes the gradients with
     :func:`autograd_grad` instead (grouped calls, never under ``vmap``).
-    Returns the adapted parameters and the ``aux`` of the last step (``None``
-    for zero steps).
+    Returns the adapted parameters, the ``aux`` of the last step (``None``
+    for zero steps) and Adam's moments after the last step (``None`` for SGD).
     """
     if optimizer not in INNER_OPTIMIZERS:
         raise ConfigError(f"inner optimizer {optimizer}: valid values are {', '.join(INNER_OPTIMIZERS)}")
     if not isinstance(lrs, dict):
         lrs = tree_map(partial(_constant, lrs), params)
     b1, b2 = betas
-    if optimizer == "adam":
+    m = v = None
+    taken = 0
+    if optimizer == "adam" and moments is None:
         m, v = tree_map(torch.zeros_like, params), tree_map(torch.zeros_like, params)
+    elif optimizer == "adam":
+        m, v = (tree_map(_expand_as, carried, params) for carried in moments[:2])
+        taken = moments[2].to(tree_flatten(v)[0][0].dtype)  # a tensor: no host sync; bias corrections in the moments' precision
     aux = None
     take_grad = partial(autograd_grad, create_graph=not first_order) if autograd else grad
     for step in range(steps):
@@ -196,9 +203,10 @@ def inner_loop(
         if optimizer == "adam":
             m = tree_map(partial(_average, b1), m, g)
             v = tree_map(partial(_average, b2), v, tree_map(torch.square, g))
-            g = tree_map(partial(_adam_direction, 1 - b1 ** (step + 1), 1 - b2 ** (step + 1), eps), m, v)
+            t = taken + step + 1
+            g = tree_map(partial(_adam_direction, 1 - b1**t, 1 - b2**t, eps), m, v)
         params = tree_map(_sgd_step, params, lrs, g)
-    return params, aux
+    return params, aux, None if m is None else (m, v)
 
 
 def fold_features(backbone: nn.Module, xs: torch.Tensor, xq: torch.Tensor, bn_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,6 +241,10 @@ def _fold_features(backbone: nn.Module, xs: torch.Tensor, xq: torch.Tensor, bn_m
 
 def _constant(value, _):
     return value
+
+
+def _expand_as(shared, per_task):
+    return shared.expand_as(per_task)
 
 
 def _average(beta, avg, new):

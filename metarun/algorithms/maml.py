@@ -60,6 +60,10 @@ class MAML(FunctionalLearner):
         """The inner learning rate(s) for the adapted parameters (Meta-SGD: learned, per parameter)."""
         return self.inner_lr
 
+    def carried_moments(self, meta_params: Params) -> tuple[Params, Params, torch.Tensor] | None:
+        """The Adam state an inner loop starts from (Reptile's, carried across tasks); None: zero."""
+        return None
+
     # -- one task ------------------------------------------------------------------------
     def solve(
         self, meta_params: Params, buffers: Params, xs, ys, xq, steps: int, bn_mode: str, first_order: bool, batches=None
@@ -80,7 +84,10 @@ class MAML(FunctionalLearner):
             loss = self.loss(self.predict(p, buffers, x, inner), y)[0]
             return loss.sum(), loss.detach()
 
-        fast, _ = inner_loop(support_loss, model, lrs, steps, first_order, self.inner_optimizer, autograd=self.in_grouped_call)
+        fast, _, _ = inner_loop(
+            support_loss, model, lrs, steps, first_order, self.inner_optimizer, autograd=self.in_grouped_call,
+            moments=self.carried_moments(meta_params),
+        )  # fmt: skip
 
         def query_outputs(weights: Params, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
             return self.head_forward(weights, self.embed_query(weights, buffers, support, query, bn_mode))

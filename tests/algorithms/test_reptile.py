@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from metarun.algorithms.reptile import Reptile
+from metarun.checkpoint import load_model_state
 from metarun.data.episodes import Episode
-from metarun.errors import ConfigError
+from metarun.errors import CheckpointError, ConfigError
 from metarun.models.mlp import MLP
 from tests.algorithms.reference import tiny_backbone, tiny_tasks
 
@@ -81,6 +82,79 @@ def test_adam_first_step_is_a_normalised_gradient_step():
     loss, _ = algo.training_loss(ep)
     got = torch.cat([g.flatten() for g in torch.autograd.grad(loss, [algo.head.weight, algo.head.bias])])
     assert torch.allclose(got, torch.stack(expected).mean(0), atol=1e-12)
+
+
+def design(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+
+
+def adam_from(theta0, a, y, lr, steps, state):
+    """``steps`` steps of ``torch.optim.Adam`` (β₁ = 0) on ``mean((A θ − y)²)``, from ``state`` (None: fresh)."""
+    phi = theta0.clone().requires_grad_()
+    opt = torch.optim.Adam([phi], lr=lr, betas=(0.0, 0.999), eps=1e-8)
+    if state is not None:
+        opt.state[phi] = {k: v.clone() for k, v in state.items()}
+    for _ in range(steps):
+        opt.zero_grad()
+        (a @ phi - y).square().mean().backward()
+        opt.step()
+    return phi.detach(), opt.state[phi]
+
+
+@pytest.mark.parametrize("carry", [True, False])
+@pytest.mark.parametrize("strategy", ["grouped", "vmap", "loop"])
+def test_adam_state_carries_over_tasks_and_meta_steps_as_torch_adam_continued(carry, strategy):
+    """``carry_adam_state``: each task of a meta-step continues Adam from the mean state the tasks of the
+    step before ended with (the paper's code runs tasks in sequence with one optimiser); else afresh."""
+    lr, k = 0.01, 3
+    algo = linear_reptile(inner_lr=lr, inner_steps=k, inner_optimizer="adam", carry_adam_state=carry, strategy=strategy)
+    theta0, state = theta(algo), None
+    for step in range(3):
+        ep = regression_tasks(seed=step)
+        phis, states = [], []
+        for t in range(ep.num_tasks):
+            a = design(torch.cat([ep.support_x[t], ep.query_x[t]]))
+            y = torch.cat([ep.support_y[t], ep.query_y[t]]).squeeze(1)
+            phi, end = adam_from(theta0, a, y, lr, k, state if carry else None)
+            phis.append(phi)
+            states.append(end)
+        state = {key: torch.stack([s[key] for s in states]).mean(0) for key in ("exp_avg", "exp_avg_sq")}
+        state["step"] = states[0]["step"]
+        loss, _ = algo.training_loss(ep)
+        got = torch.cat([g.flatten() for g in torch.autograd.grad(loss, [algo.head.weight, algo.head.bias])])
+        torch.testing.assert_close(got, theta0 - torch.stack(phis).mean(0), rtol=1e-9, atol=1e-12)
+    if carry:
+        torch.testing.assert_close(algo.adam_v, state["exp_avg_sq"])
+        assert int(algo.adam_steps) == 3 * k
+    else:
+        assert not hasattr(algo, "adam_v")
+
+
+def test_evaluation_starts_from_the_carried_adam_state():
+    lr, k = 0.01, 4
+    algo = linear_reptile(inner_lr=lr, inner_steps=2, inner_steps_eval=k, inner_optimizer="adam")
+    algo.training_loss(regression_tasks(seed=1))  # moves the carried state away from zero
+    state = {"exp_avg": algo.adam_m.clone(), "exp_avg_sq": algo.adam_v.clone(), "step": algo.adam_steps.double()}
+    algo.eval()
+    ep = regression_tasks(seed=2)
+    expected = []
+    for t in range(ep.num_tasks):
+        phi, _ = adam_from(theta(algo), design(ep.support_x[t]), ep.support_y[t, :, 0], lr, k, state)
+        expected.append((design(ep.query_x[t]) @ phi - ep.query_y[t, :, 0]).square().mean())
+    torch.testing.assert_close(algo.evaluate(ep, "transductive"), torch.stack(expected))
+    torch.testing.assert_close(algo.adam_v, state["exp_avg_sq"])  # evaluation leaves the state as it was
+
+
+def test_checkpoints_without_the_carried_state_start_it_at_zero(tmp_path):
+    algo = linear_reptile(inner_steps=2)
+    algo.training_loss(regression_tasks())
+    old = {k: v for k, v in algo.state_dict().items() if not k.startswith("adam_")}
+    fresh = linear_reptile(inner_steps=2)
+    load_model_state(fresh, old, tmp_path / "old.pt")
+    assert torch.equal(fresh.head.weight, algo.head.weight)
+    assert not fresh.adam_v.any() and int(fresh.adam_steps) == 0
+    with pytest.raises(CheckpointError, match="unexpected: extra"):
+        load_model_state(fresh, {**old, "extra": torch.zeros(1)}, tmp_path / "old.pt")
 
 
 def test_minibatches_cycle_through_one_permutation():
