@@ -13,7 +13,7 @@ thread (torch 2.13, 100 test episodes, 95% CI about ±0.02), leaving at least 8 
     fomaml        200      0.637     0.866
     anil          200      0.466     0.846
     metasgd       200      0.342     0.906
-    reptile       200      0.536     0.823
+    reptile       200      0.536     0.887
     finetune      600      0.544     0.822
 
 The runs shorten each algorithm's default recipe (``conf/algo``) with a narrower Conv4 and 5 queries per
