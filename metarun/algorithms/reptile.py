@@ -144,9 +144,11 @@ class Reptile(MAML):
 
         deltas, loss, score, *carried = self.run_tasks(fn, (self.detached(params), order), (x, y), order.shape[1])
         if carried:  # every task started from the same state: carry on from their mean, as batch norm does
-            for buffer, moment in zip((self.adam_m, self.adam_v), carried[0], strict=True):
-                buffer.copy_(torch.cat([t.detach().mean(0).flatten() for t in tree_flatten(moment)[0]]))
-            self.adam_steps += self.inner_steps
+            m, v = (torch.cat([t.detach().mean(0).flatten() for t in tree_flatten(moment)[0]]) for moment in carried[0])
+            ok = torch.isfinite(v).all()  # a step the trainer skips (nan_policy=skip) must not poison the state
+            self.adam_m.copy_(torch.where(ok, m, self.adam_m))
+            self.adam_v.copy_(torch.where(ok, v, self.adam_v))
+            self.adam_steps += ok * self.inner_steps
         mean = tree_map(lambda d: d.mean(0), deltas)
         surrogate = surrogate_loss(tree_flatten(params)[0], tree_flatten(mean)[0])
         return surrogate, {"loss": loss.mean().detach(), self.metric_name: score.mean().detach()}

@@ -145,6 +145,19 @@ def test_evaluation_starts_from_the_carried_adam_state():
     torch.testing.assert_close(algo.adam_v, state["exp_avg_sq"])  # evaluation leaves the state as it was
 
 
+def test_a_non_finite_step_leaves_the_carried_state_as_it_was():
+    algo = linear_reptile(inner_steps=2)
+    algo.training_loss(regression_tasks())
+    before = [b.clone() for b in (algo.adam_m, algo.adam_v, algo.adam_steps)]
+    bad = regression_tasks(seed=1)
+    bad.query_y[0, 0] = float("nan")
+    loss, _ = algo.training_loss(bad)
+    assert not torch.isfinite(loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, (algo.adam_m, algo.adam_v, algo.adam_steps), strict=True))
+    algo.training_loss(regression_tasks(seed=2))
+    assert torch.isfinite(algo.adam_v).all() and int(algo.adam_steps) == 4
+
+
 def test_checkpoints_without_the_carried_state_start_it_at_zero(tmp_path):
     algo = linear_reptile(inner_steps=2)
     algo.training_loss(regression_tasks())
