@@ -241,6 +241,7 @@ class TrainerConfig:
     seed: int = 0
     #: fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
     precision: str = choice("fp32", "bf16", "fp16")
+    #: torch.compile of the meta-step (static shapes); refused for second-order MAML and Meta-SGD
     compile: bool = False
     channels_last: bool = False
     #: stop | skip: what a NaN or infinite loss does (stop: the run ends, its last good checkpoint kept)
