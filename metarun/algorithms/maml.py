@@ -98,7 +98,7 @@ class MAML(FunctionalLearner):
         # call_images), so its larger query forward runs in sub-calls; outside training every buffer
         # is shared by the tasks. (Training keeps one size for both: calls of 32 tasks of 5 support
         # images made second-order MAML 0.64x the per-task loop at 5-way 1-shot, 1 query.)
-        size = tasks_per_call(xq.shape[1] + (xs.shape[1] if bn_mode == "support" else 0), xq.device)
+        size = tasks_per_call(xq.shape[1] + (xs.shape[1] if bn_mode == "support" else 0), xq.device, xq.shape[2:].numel())
         return map_chunks(query_outputs, (fast, xs, xq), size)
 
     def task_meta_gradient(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, yq):
