@@ -42,6 +42,9 @@ from metarun.algorithms.maml import MAML
 from metarun.data.episodes import Episode
 from metarun.errors import ConfigError
 
+#: the buffers of the carried Adam state (``carry_adam_state``): flat first and second moments, steps taken
+CARRIED_STATE = ("adam_m", "adam_v", "adam_steps")
+
 
 class Reptile(MAML):
     default_bn_mode = "transductive"  # the paper's headline numbers are transductive
@@ -76,16 +79,16 @@ class Reptile(MAML):
         self.carry_adam_state = carry_adam_state and inner_optimizer == "adam"
         if self.carry_adam_state:
             size = sum(p.numel() for p in tree_flatten(self.meta_parameters())[0])
-            self.register_buffer("adam_m", torch.zeros(size))
-            self.register_buffer("adam_v", torch.zeros(size))
-            self.register_buffer("adam_steps", torch.zeros((), dtype=torch.long))
+            zeros = {"adam_m": torch.zeros(size), "adam_v": torch.zeros(size), "adam_steps": torch.zeros((), dtype=torch.long)}
+            for name in CARRIED_STATE:
+                self.register_buffer(name, zeros[name])
 
     def upgrade_state(self, state: dict) -> dict:
         """Checkpoints from before the carried Adam state start it at zero moments and no steps taken,
         with which an inner loop is the per-task Adam they were trained and evaluated with."""
         if not self.carry_adam_state:
             return state
-        return {**{name: torch.zeros_like(getattr(self, name)) for name in ("adam_m", "adam_v", "adam_steps")}, **state}
+        return {**{name: torch.zeros_like(getattr(self, name)) for name in CARRIED_STATE}, **state}
 
     def carried_moments(self, meta_params: Params) -> tuple[Params, Params, torch.Tensor] | None:
         if not self.carry_adam_state:
