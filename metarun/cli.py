@@ -21,6 +21,7 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
+from metarun.allocator import keep_freed_memory
 from metarun.errors import ConfigError, MetarunError
 
 COMMANDS = {
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE.format(commands="\n".join(lines)), end="")
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
+    keep_freed_memory()
     if command in COMMANDS:
         run_hydra_command(command, rest)
     elif command == "report":

@@ -272,6 +272,8 @@ class EvalConfig:
     runs_path: Optional[str] = None
     split: str = choice("test", "val", "train")
     after_train: bool = True
+    #: fp32 | bf16 | fp16 autocast of evaluation; null: the run's trainer.precision (scores as it was trained and validated)
+    precision: Optional[str] = choice(None, "fp32", "bf16", "fp16")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from rich.table import Table
 from metarun.algorithms.base import Algorithm
 from metarun.config import EvalConfig, check_values
 from metarun.data.episodes import Episode, check_episode, fixed_episodes
+from metarun.device import autocast
 from metarun.errors import ConfigError
 from metarun.progress import progress_bar
 
@@ -47,10 +48,24 @@ def resolve_bn_mode(algorithm: Algorithm, bn_mode: str | None) -> str:
     return mode
 
 
+def eval_precision(eval_cfg: DictConfig, trainer_cfg: DictConfig | None) -> str:
+    """``eval.precision``, else the run's ``trainer.precision``: a model trained in bf16 is validated and tested in bf16."""
+    if eval_cfg.get("precision") is not None:
+        return eval_cfg.precision
+    return trainer_cfg.get("precision", "fp32") if trainer_cfg is not None else "fp32"
+
+
 def score_episodes(
-    algorithm: Algorithm, sampler, episodes: int, seed: int, batch_tasks: int, bn_mode: str, desc: str = ""
+    algorithm: Algorithm,
+    sampler,
+    episodes: int,
+    seed: int,
+    batch_tasks: int,
+    bn_mode: str,
+    desc: str = "",
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Per-episode scores of ``episodes`` seeded tasks, evaluated ``batch_tasks`` at a time."""
+    """Per-episode scores of ``episodes`` seeded tasks, evaluated ``batch_tasks`` at a time (under ``precision``'s autocast)."""
     indices = fixed_episodes(sampler, episodes, seed)
     was_training = algorithm.training
     algorithm.eval()
@@ -58,8 +73,9 @@ def score_episodes(
     try:
         with progress_bar(total=episodes, description=desc or "eval", transient=True) as advance:
             for start in range(0, episodes, batch_tasks):
-                chunk = indices[start : start + batch_tasks]
-                scores.append(algorithm.evaluate(sampler.gather(chunk), bn_mode).float().cpu())
+                episode = sampler.gather(indices[start : start + batch_tasks])
+                with autocast(episode.support_x.device, precision):
+                    scores.append(algorithm.evaluate(episode, bn_mode).float().cpu())
                 advance(len(scores[-1]))
     finally:
         algorithm.train(was_training)
@@ -67,7 +83,15 @@ def score_episodes(
 
 
 def evaluate_settings(
-    algorithm: Algorithm, make_sampler, settings, queries: int, episodes: int, seed: int, batch_tasks: int, bn_mode: str
+    algorithm: Algorithm,
+    make_sampler,
+    settings,
+    queries: int,
+    episodes: int,
+    seed: int,
+    batch_tasks: int,
+    bn_mode: str,
+    precision: str = "fp32",
 ) -> list[dict]:
     """Every ``{ways, shots}`` setting on its own seeded episodes."""
     results = []
@@ -81,6 +105,7 @@ def evaluate_settings(
             batch_tasks,
             bn_mode,
             f"{s['ways']}-way {s['shots']}-shot",
+            precision,
         )
         mean, ci = mean_ci95(scores)
         key = "accuracy" if algorithm.score == "accuracy" else algorithm.score
@@ -99,7 +124,15 @@ def evaluate_settings(
 
 
 def evaluate_omniglot_runs(
-    algorithm: Algorithm, runs_path: str, image_size: int, mean: tuple, std: tuple, device: torch.device, bn_mode: str
+    algorithm: Algorithm,
+    runs_path: str,
+    image_size: int,
+    mean: tuple,
+    std: tuple,
+    device: torch.device,
+    bn_mode: str,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> list[dict]:
     """Omniglot's official one-shot runs: error per run, mean ± 95% CI."""
     from metarun.data.omniglot_runs import load_runs
@@ -109,7 +142,8 @@ def evaluate_omniglot_runs(
     s = torch.tensor(std, device=device).view(-1, 1, 1)
 
     def prep(x: torch.Tensor) -> torch.Tensor:
-        return ((x.to(device).float() / 255.0) - m) / s
+        x = ((x.to(device).float() / 255.0) - m) / s
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     was_training = algorithm.training
     algorithm.eval()
@@ -121,7 +155,8 @@ def evaluate_omniglot_runs(
             episode = Episode(
                 support_x, torch.arange(ways, device=device)[None], prep(run.query)[None], run.query_labels.to(device)[None], ways
             )
-            errors.append(1.0 - float(algorithm.evaluate(episode, bn_mode)[0]))
+            with autocast(device, precision):
+                errors.append(1.0 - float(algorithm.evaluate(episode, bn_mode)[0]))
     finally:
         algorithm.train(was_training)
     err, ci = mean_ci95(errors)
@@ -152,7 +187,14 @@ def results_table(results: list[dict], title: str) -> Table:
 
 
 def write_eval_json(
-    path: Path, checkpoint: Path, dataset: str, protocol: str, split: str, bn_mode: str, results: list[dict]
+    path: Path,
+    checkpoint: Path,
+    dataset: str,
+    protocol: str,
+    split: str,
+    bn_mode: str,
+    results: list[dict],
+    precision: str = "fp32",
 ) -> None:
     payload = {
         "split": split,
@@ -160,6 +202,7 @@ def write_eval_json(
         "dataset": dataset,
         "protocol": protocol,
         "bn_mode": bn_mode,
+        "precision": precision,
         "results": results,
     }
     tmp = path.with_suffix(".json.tmp")
@@ -223,22 +266,41 @@ def run_evaluation(
     check_settings(dataset, eval_cfg, algorithm)
     load_model_state(algorithm, ckpt["model"], ckpt["path"])
     bn_mode = resolve_bn_mode(algorithm, eval_cfg.bn_mode)
+    precision = eval_precision(eval_cfg, cfg.get("trainer"))
+    channels_last = bool(cfg.get("trainer", {}).get("channels_last", False))
+    if channels_last:
+        algorithm = algorithm.to(memory_format=torch.channels_last)
     console = console or Console()
     if eval_cfg.protocol == "omniglot_runs":
         image_size = cfg.dataset.get("image_size", dataset.image_shape[-1])
-        results = evaluate_omniglot_runs(algorithm, eval_cfg.runs_path, image_size, dataset.mean, dataset.std, device, bn_mode)
+        results = evaluate_omniglot_runs(
+            algorithm, eval_cfg.runs_path, image_size, dataset.mean, dataset.std, device, bn_mode, precision, channels_last
+        )
     else:
         settings = servable_settings(algorithm, OmegaConf.to_container(eval_cfg.settings, resolve=True), console)
 
         def make_sampler(ways, shots, queries):
-            return build_sampler(dataset, eval_cfg.split, ways, shots, queries, seed=0, device=device)
+            return build_sampler(
+                dataset, eval_cfg.split, ways, shots, queries, seed=0, device=device, channels_last=channels_last
+            )
 
         results = evaluate_settings(
-            algorithm, make_sampler, settings, eval_cfg.queries, eval_cfg.episodes, eval_cfg.seed, eval_cfg.batch_tasks, bn_mode
+            algorithm,
+            make_sampler,
+            settings,
+            eval_cfg.queries,
+            eval_cfg.episodes,
+            eval_cfg.seed,
+            eval_cfg.batch_tasks,
+            bn_mode,
+            precision,
         )
     console.print(f"evaluated {ckpt['path']}", soft_wrap=True, markup=False, highlight=False)
-    console.print(results_table(results, f"{dataset.name} {eval_cfg.split} ({bn_mode} batch norm)"))
-    write_eval_json(run_dir / "eval.json", ckpt["path"], dataset.name, eval_cfg.protocol, eval_cfg.split, bn_mode, results)
+    title = f"{dataset.name} {eval_cfg.split} ({bn_mode} batch norm{'' if precision == 'fp32' else ', ' + precision})"
+    console.print(results_table(results, title))
+    write_eval_json(
+        run_dir / "eval.json", ckpt["path"], dataset.name, eval_cfg.protocol, eval_cfg.split, bn_mode, results, precision
+    )
     if logger is not None:
         logger.log_eval(results, eval_cfg.protocol)
     return results

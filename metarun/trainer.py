@@ -40,7 +40,7 @@ from metarun.distributed import (
     shutdown,
 )
 from metarun.errors import ConfigError, MetarunError
-from metarun.evaluation import check_settings, mean_ci95, resolve_bn_mode, run_evaluation, score_episodes
+from metarun.evaluation import check_settings, eval_precision, mean_ci95, resolve_bn_mode, run_evaluation, score_episodes
 from metarun.factory import build_algorithm, build_dataset, build_optimizer, build_sampler, build_scheduler, data_device
 from metarun.interrupt import StopRequest
 from metarun.loggers import build_logger
@@ -223,7 +223,14 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
                 stop_if_not_finite()
                 if topo.is_main:
                     scores = score_episodes(
-                        algorithm, val_sampler, tr.val_episodes, cfg.eval.seed + 1, cfg.eval.batch_tasks, bn_mode, "validation"
+                        algorithm,
+                        val_sampler,
+                        tr.val_episodes,
+                        cfg.eval.seed + 1,
+                        cfg.eval.batch_tasks,
+                        bn_mode,
+                        "validation",
+                        eval_precision(cfg.eval, tr),
                     )
                     val, ci = mean_ci95(scores)
                     is_best = best is None or better(val, best)

@@ -3,8 +3,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from omegaconf import OmegaConf
 
-from metarun.evaluation import mean_ci95, setting_seed
+from metarun.data.sinusoid import Sinusoid
+from metarun.evaluation import eval_precision, mean_ci95, score_episodes, setting_seed
 from tests.conftest import run_cli
 
 
@@ -68,3 +71,51 @@ def test_a_fixed_way_head_skips_other_ways_with_a_note(tmp_path, tiny):
     )  # fmt: skip
     assert refused.returncode != 0 and "evaluates 3-way tasks only" in refused.stderr
     assert not (doomed / "checkpoints").exists()
+
+
+class AutocastProbe(torch.nn.Module):
+    """Scores each episode 1 when it was evaluated under the expected autocast, else 0."""
+
+    score = "mse"
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def evaluate(self, episode, bn_mode):
+        cast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
+        seen = cast == self.dtype if self.dtype is not None else not torch.is_autocast_enabled("cpu")
+        return torch.full((episode.num_tasks,), float(seen))
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_episodes_are_scored_under_the_precisions_autocast(precision, dtype):
+    sampler = Sinusoid().sampler("test", ways=1, shots=5, queries=5, seed=0, device="cpu")
+    scores = score_episodes(AutocastProbe(dtype), sampler, 5, seed=1, batch_tasks=2, bn_mode="transductive", precision=precision)
+    assert scores.tolist() == [1.0] * 5
+
+
+def test_evaluation_precision_defaults_to_the_runs_training_precision():
+    trainer = OmegaConf.create({"precision": "bf16"})
+    assert eval_precision(OmegaConf.create({"precision": None}), trainer) == "bf16"
+    assert eval_precision(OmegaConf.create({"precision": "fp32"}), trainer) == "fp32"
+    assert eval_precision(OmegaConf.create({}), None) == "fp32"  # a run config without a trainer section
+
+
+def test_a_bf16_channels_last_run_is_validated_and_tested_as_it_was_trained(tmp_path, tiny):
+    run = tmp_path / "run"
+    trained = run_cli(
+        "train", *tiny, "algo=anil", "task.meta_batch=2", "trainer.precision=bf16", "trainer.channels_last=true",
+        f"hydra.run.dir={run}",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    record = json.loads((run / "eval.json").read_text())
+    assert record["precision"] == "bf16"
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in record["results"])
+
+    fp32 = run_cli("eval", f"checkpoint={run}", "eval.precision=fp32", "logger=none", f"hydra.run.dir={tmp_path / 'e'}")
+    assert fp32.returncode == 0, fp32.stderr
+    again = json.loads((run / "eval.json").read_text())
+    assert again["precision"] == "fp32"
+    for a, b in zip(record["results"], again["results"], strict=True):
+        assert abs(a["accuracy"] - b["accuracy"]) < 0.1  # the same model: rounding moves few of the 50 predictions
