@@ -20,6 +20,7 @@ from functools import partial
 import torch
 
 from metarun.algorithms.maml import MAML
+from metarun.allocator import keep_freed_memory
 from metarun.data.episodes import Episode
 from metarun.device import resolve_device, synchronize
 from metarun.models.conv4 import Conv4
@@ -75,6 +76,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as metarun's commands do
     torch.manual_seed(0)
     device = resolve_device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, Conv4-64 28x28, 5-way, {args.clock} time")

@@ -5,7 +5,7 @@ import torch
 from torch.func import functional_call
 
 from metarun.models.conv4 import Conv4
-from metarun.models.grouped import grouped_forward, grouped_layers, max_pool2d
+from metarun.models.grouped import conv2d, grouped_forward, grouped_layers, max_pool2d
 from metarun.models.mlp import MLP
 from metarun.models.norm import norm_statistics
 from metarun.models.resnet12 import ResNet12
@@ -86,3 +86,40 @@ def test_channels_last_max_pool_equals_the_native_one_to_second_order(pool):
 
     for a, b in zip(values_and_grads(pool), values_and_grads(lambda v: max_pool2d(v, pool)), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("conv", "precision"),
+    [
+        (torch.nn.Conv2d(1, 4, 3, padding=1), torch.float64),
+        (torch.nn.Conv2d(1, 4, 3, stride=2, padding=2, dilation=2), torch.float64),
+        (torch.nn.Conv2d(1, 4, 3, padding=1), torch.bfloat16),  # under autocast, as trainer.precision=bf16 runs it
+    ],
+)
+def test_grouped_convolution_of_images_equals_the_native_one_to_second_order(conv, precision):
+    """One input channel per task (Omniglot's first layer): weight and bias gradients of the first and second order."""
+    g = torch.Generator().manual_seed(0)
+    tasks = 3
+    dtype = torch.float64 if precision == torch.float64 else torch.float32
+    x = torch.randn(5, tasks, 9, 9, generator=g, dtype=dtype)
+    w0 = torch.randn(tasks * 4, 1, 3, 3, generator=g, dtype=dtype)
+    b0 = torch.randn(tasks * 4, generator=g, dtype=dtype)
+
+    def native_conv(x, w, b):
+        return torch.nn.functional.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, tasks)
+
+    r = torch.randn(native_conv(x, w0, b0).shape, generator=g, dtype=dtype)
+
+    def grads(f):
+        w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == torch.bfloat16):
+            y = f(x, w, b)
+        gw, gb = torch.autograd.grad((y.float() * r).square().sum(), (w, b), create_graph=True)
+        ggw, ggb = torch.autograd.grad((gw * w0).sum() + (gb * b0).sum(), (w, b))
+        return y, gw, gb, ggw, ggb
+
+    native = grads(native_conv)
+    grouped = grads(lambda x, w, b: conv2d(x, w, b, conv, tasks))
+    tol = {"rtol": 5e-2, "atol": 5e-2} if precision == torch.bfloat16 else {}  # two bf16 kernels summing in different orders
+    for a, b in zip(native, grouped, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
