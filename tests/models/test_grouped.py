@@ -86,6 +86,10 @@ def test_channels_last_max_pool_equals_the_native_one_to_second_order(pool):
 
     for a, b in zip(values_and_grads(pool), values_and_grads(lambda v: max_pool2d(v, pool)), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():  # the path without indices
+        out = max_pool2d(x, pool)
+    torch.testing.assert_close(out, pool(x), rtol=0, atol=0)
+    assert out.is_contiguous()
 
 
 @pytest.mark.parametrize(
