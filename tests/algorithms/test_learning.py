@@ -9,13 +9,13 @@ thread (torch 2.13, 100 test episodes, 95% CI about ±0.02), leaving at least 8 
 
     algorithm   steps   untrained   trained
     protonet      300      0.535     0.811
-    maml          200      0.637     0.908
-    fomaml        200      0.637     0.866
+    maml          200      0.637     0.900
+    fomaml        200      0.637     0.854
     anil          200      0.466     0.846
-    metasgd       200      0.342     0.906
-    reptile       200      0.536     0.887
+    metasgd       200      0.342     0.910
+    reptile       200      0.536     0.882
     finetune      600      0.544     0.822
-    maml, bf16    200      0.660     0.898
+    maml, bf16    200      0.652     0.907
     anil, bf16    200      0.465     0.842   (and channels_last)
 
 The runs shorten each algorithm's default recipe (``conf/algo``) with a narrower Conv4 and 5 queries per
