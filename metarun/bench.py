@@ -502,6 +502,8 @@ def machine_info(device: torch.device) -> dict:
         "cores_logical": psutil.cpu_count(logical=True),
         "cores_physical": psutil.cpu_count(logical=False),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # the bf16 recommendation holds where bf16 arithmetic is native; elsewhere autocast emulates it
+        "cpu_native_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -1,0 +1,26 @@
+"""``metarun bench`` as a user runs it: the JSON shape that lets runs be compared over time."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+RESULT_KEYS = {"name", "metric", "value", "reference", "reference_value", "ratio", "peak_mem_mb", "shape", "target", "met"}
+
+
+def test_a_quick_sampler_bench_writes_the_documented_json_and_table(tmp_path):
+    done = run_cli("bench", "--quick", "--only", "sampler", "--repeats", "1", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    machine = payload["machine"]
+    assert {"cpu", "torch", "threads", "device", "cpu_native_bf16", "quick"} <= set(machine)
+    assert machine["quick"] is True and isinstance(machine["cpu_native_bf16"], bool)
+    rows = payload["results"]
+    assert [(r["name"], r["metric"]) for r in rows] == [("sampler", "episodes_per_s")]
+    (row,) = rows
+    assert RESULT_KEYS <= set(row)
+    assert row["value"] > 0 and row["reference_value"] > 0
+    assert row["ratio"] == pytest.approx(row["value"] / row["reference_value"])
+    assert row["met"] == (row["ratio"] >= 10)
+    assert "| sampler |" in (tmp_path / "bench.md").read_text()
