@@ -7,8 +7,9 @@ of megabytes of fresh pages each time: a second-order MAML step on Conv4 (32 tas
 images, bf16, 2 cores) took 70,000 minor page faults and 0.12 s of system time out of 0.44 s; with
 the thresholds raised it took 3 faults and 0.37 s. This is the effect jemalloc or tcmalloc
 (``LD_PRELOAD``) have, set from inside the process so that ``metarun`` gets it without a wrapper.
-The price is that the process keeps its peak footprint (RSS does not fall back after a large
-evaluation), as it would with those allocators.
+The price is that the process keeps its peak footprint, as it would with those allocators: over
+120 bf16 MAML steps alternating two task shapes, RSS levelled off at 690 MB against 480 MB (and
+page faults stopped after the first steps, against 40,000 a step).
 """
 
 from __future__ import annotations
