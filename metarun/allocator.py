@@ -15,7 +15,6 @@ page faults stopped after the first steps, against 40,000 a step).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 #: mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -26,12 +25,9 @@ KEEP_BYTES = 1 << 30
 
 def keep_freed_memory() -> bool:
     """Raises glibc's mmap and trim thresholds; False (and nothing changed) where malloc is not glibc's."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols, libc's among them: no library search
+    except (OSError, TypeError, AttributeError):  # Windows (no process handle), macOS and musl (no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
