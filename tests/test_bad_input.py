@@ -125,6 +125,7 @@ TRAIN_CASES = {
         ("eval.settings[0].shots + eval.queries = 16 + 5", "the test split"),
         check=no_training_happened,
     ),
+    "eval precision": Case(["eval.precision=half"], 2, ("eval.precision=half: valid values are null, fp32, bf16, fp16",)),
     "eval zero ways": Case(["eval.settings=[{ways:0,shots:1}]"], 2, ("eval.settings[0].ways=0: must be at least 1",)),
     # devices the machine lacks
     "no mps": Case(["device=mps"], 2, ("device=mps but", "use device=cpu or device=auto")),
