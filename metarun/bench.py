@@ -188,22 +188,28 @@ def measure(
 ) -> dict[str, Timing]:
     """Median seconds per call of each path, the paths interleaved round by round (order alternating).
 
-    ``warm``: a cheaper call per path for the warm-up, with the same shapes (a few of 600 episodes)."""
+    ``warm``: a cheaper call per path for the warm-up, with the same shapes (a few of 600 episodes).
+    Peak memory is taken on one more warm-up call. Measuring it hands the freed heap back to the OS
+    first, and a timed call after that would fault all its memory in again: a cost a training run
+    pays once, not every step, and the larger the batched path's footprint the more it would pay.
+    """
+    peaks = {}
     for name, fn in paths.items():
+        call = (warm or {}).get(name, fn)
         for _ in range(warmup):
-            (warm or {}).get(name, fn)()
+            call()
+        with PeakMemory(device) as mem:
+            call()
+        peaks[name] = mem.mb
     times: dict[str, list[float]] = {k: [] for k in paths}
-    peaks = dict.fromkeys(paths, 0.0)
     names = list(paths)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            with PeakMemory(device) as mem:
-                synchronize(device)
-                t0 = time.perf_counter()
-                paths[name]()
-                synchronize(device)
-                times[name].append(time.perf_counter() - t0)
-            peaks[name] = max(peaks[name], mem.mb)
+            synchronize(device)
+            t0 = time.perf_counter()
+            paths[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
     return {k: Timing(statistics.median(v), peaks[k]) for k, v in times.items()}
 
 
@@ -325,9 +331,9 @@ class Bench:
         split, ds = self.dataset(shape).splits["train"], self.dataset(shape)
         engine = self.sampler(shape, "train", Settings())
         t = shape.meta_batch
-        loaders = {
-            w: ref.DataLoaderEpisodes(split, ds.mean, ds.std, shape.ways, shape.shots, shape.queries, workers=w) for w in (0, 2)
-        }
+
+        def loader(workers: int) -> ref.DataLoaderEpisodes:
+            return ref.DataLoaderEpisodes(split, ds.mean, ds.std, shape.ways, shape.shots, shape.queries, workers=workers)
 
         # A meta-batch samples in milliseconds, where one scheduler hiccup is a large error (single
         # calls measured 3x-11x the reference from run to run): each timed call samples many.
@@ -338,10 +344,18 @@ class Bench:
 
             return run
 
-        paths = {"engine": repeated(engine.sample)} | {
-            f"dataloader(workers={w})": repeated(loader.sample) for w, loader in loaders.items()
-        }
-        timing = measure(paths, self.repeats, self.warmup, torch.device("cpu") if self.device.type == "cpu" else self.device)
+        device = torch.device("cpu") if self.device.type == "cpu" else self.device
+        timing = measure(
+            {"engine": repeated(engine.sample), "dataloader(workers=0)": repeated(loader(0).sample)},
+            self.repeats,
+            self.warmup,
+            device,
+        )
+        # Worker processes refill their prefetch queue between calls, on the same 2 cores: timed
+        # alone, and shut down before anything else is timed.
+        workers = loader(2)
+        timing |= measure({"dataloader(workers=2)": repeated(workers.sample)}, self.repeats, self.warmup, device)
+        del workers
         timing = {k: replace(v, seconds=v.seconds / SAMPLER_ROUNDS) for k, v in timing.items()}  # per meta-batch
         best = min((k for k in timing if k != "engine"), key=lambda k: timing[k].seconds)
         fast, slow = timing["engine"], timing[best]

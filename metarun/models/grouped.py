@@ -19,6 +19,8 @@ back to ``vmap`` or a loop for the others (ResNet-12's residual blocks).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -142,10 +144,25 @@ def max_pool2d(x: torch.Tensor, m: nn.MaxPool2d) -> torch.Tensor:
     if x.device.type != "cpu" or x.dim() != 4:
         return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
     if not (torch.is_grad_enabled() and x.requires_grad):
-        xl = x.contiguous(memory_format=torch.channels_last)
-        return F.max_pool2d(xl, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode).contiguous()
+        y = F.max_pool2d(_channels_last_planes(x), m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        return y.contiguous().view(*x.shape[:2], *y.shape[2:])
     args = [_pair(v) for v in (m.kernel_size, m.stride if m.stride is not None else m.kernel_size, m.padding, m.dilation)]
     return _MaxPoolChannelsLast.apply(x, *args, m.ceil_mode)
+
+
+#: channels per image in the layout the channels_last pooling kernel gets
+POOL_CHANNELS = 128
+
+
+def _channels_last_planes(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[n, c, h, w]`` as a channels_last ``[n * c / g, g, h, w]``, ``g = gcd(c, POOL_CHANNELS)``.
+
+    A grouped call has ``tasks * channels`` channels, and with thousands of them both the copy into
+    channels_last and the kernel slow down. Pooling treats every plane alone, so planes can be
+    regrouped freely. Measured for ``[10, 2048, 28, 28]`` (second-order MAML, 32 tasks, bf16, 2 threads):
+    copy, pool and copy back took 16.4 ms whole and 9.3 ms as ``[160, 128, 28, 28]``.
+    """
+    return x.reshape(-1, math.gcd(x.shape[1], POOL_CHANNELS), *x.shape[2:]).contiguous(memory_format=torch.channels_last)
 
 
 def _pair(v) -> list[int]:
@@ -155,12 +172,14 @@ def _pair(v) -> list[int]:
 class _MaxPoolChannelsLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
-        xl = x.contiguous(memory_format=torch.channels_last)
-        y, indices = torch.ops.aten.max_pool2d_with_indices(xl, kernel, stride, padding, dilation, ceil_mode)
-        indices = indices.contiguous()
+        y, indices = torch.ops.aten.max_pool2d_with_indices(
+            _channels_last_planes(x), kernel, stride, padding, dilation, ceil_mode
+        )
+        shape = (*x.shape[:2], *y.shape[2:])
+        indices = indices.contiguous().view(shape)  # offsets within each plane, whatever the planes' grouping
         ctx.save_for_backward(x, indices)
         ctx.args = (kernel, stride, padding, dilation, ceil_mode)
-        return y.contiguous()
+        return y.contiguous().view(shape)
 
     @staticmethod
     def backward(ctx, grad):

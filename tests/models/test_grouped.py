@@ -68,13 +68,14 @@ def test_only_plain_sequences_can_be_grouped():
     assert grouped_layers(ResNet12((3, 16, 16), channels=(4, 4, 4, 4))) is None
 
 
+@pytest.mark.parametrize("channels", [6, 384])  # planes regrouped 2 and 128 to an image
 @pytest.mark.parametrize(
     "pool", [torch.nn.MaxPool2d(2), torch.nn.MaxPool2d(3, stride=2, padding=1), torch.nn.MaxPool2d(2, ceil_mode=True)]
 )
-def test_channels_last_max_pool_equals_the_native_one_to_second_order(pool):
+def test_channels_last_max_pool_equals_the_native_one_to_second_order(pool, channels):
     """Same maxima (ties included: ReLU outputs are full of zeros), same first- and second-order gradients."""
     g = torch.Generator().manual_seed(0)
-    x = torch.relu(torch.randn(2, 6, 7, 7, generator=g, dtype=torch.float64)).round(decimals=1)
+    x = torch.relu(torch.randn(2, channels, 7, 7, generator=g, dtype=torch.float64)).round(decimals=1)
     w = torch.randn(pool(x).shape, generator=g, dtype=torch.float64)
 
     def values_and_grads(f):
