@@ -1,9 +1,12 @@
 """``metarun bench`` as a user runs it: the JSON shape that lets runs be compared over time."""
 
 import json
+import sys
 
 import pytest
+import torch
 
+from metarun.bench import measure
 from tests.conftest import run_cli
 
 RESULT_KEYS = {"name", "metric", "value", "reference", "reference_value", "ratio", "peak_mem_mb", "shape", "target", "met"}
@@ -24,3 +27,22 @@ def test_a_quick_sampler_bench_writes_the_documented_json_and_table(tmp_path):
     assert row["ratio"] == pytest.approx(row["value"] / row["reference_value"])
     assert row["met"] == (row["ratio"] >= 10)
     assert "| sampler |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS high-water mark reset")
+def test_measure_takes_peak_memory_on_a_warm_call_and_times_the_rest():
+    calls = {"small": 0, "large": 0}
+
+    def allocate(name: str, mb: int):
+        def call() -> None:
+            calls[name] += 1
+            torch.ones(mb * 2**18)  # mb MB of float32, written (so faulted in)
+
+        return call
+
+    timing = measure(
+        {"small": allocate("small", 1), "large": allocate("large", 96)}, repeats=3, warmup=2, device=torch.device("cpu")
+    )
+    assert calls == {"small": 2 + 1 + 3, "large": 2 + 1 + 3}  # warm-up, the memory call, the timed repeats
+    assert timing["large"].peak_mb > 80 and timing["small"].peak_mb < 40
+    assert all(t.seconds > 0 for t in timing.values())

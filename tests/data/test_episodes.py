@@ -133,3 +133,23 @@ def test_a_constant_channel_is_centred_not_divided_by_zero():
     sampler = EpisodeSampler(numbered_split(), 3, 1, 2, (0.5, 0.5), (0.25, 0.0), seed=0)
     episode = sampler.sample(2)
     assert torch.isfinite(episode.support_x).all() and torch.isfinite(episode.query_x).all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("chunk_images", [1, 3, 1000])  # CHUNK_BYTES in images of 2x4x4 floats
+def test_chunked_gather_equals_per_image_normalisation(monkeypatch, channels_last, chunk_images):
+    monkeypatch.setattr("metarun.data.episodes.CHUNK_BYTES", chunk_images * 2 * 4 * 4 * 4)
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (12, 10, 2, 4, 4), dtype=torch.uint8, generator=g), [f"c{i}" for i in range(12)])
+    mean, std = (0.3, 0.6), (0.2, 0.4)
+    sampler = EpisodeSampler(split, 5, 2, 3, mean, std, seed=1, channels_last=channels_last)
+    idx = sampler.sample_indices(4)
+    ep = sampler.gather(idx)
+    m, s = torch.tensor(mean).view(2, 1, 1), torch.tensor(std).view(2, 1, 1)
+    for t in range(4):
+        for w in range(5):
+            images = split.images[idx.classes[t, w], idx.images[t, w]].float() / 255  # [shots + queries, 2, 4, 4]
+            expected = (images - m) / s
+            torch.testing.assert_close(ep.support_x[t, w * 2 : w * 2 + 2], expected[:2])
+            torch.testing.assert_close(ep.query_x[t, w * 3 : w * 3 + 3], expected[2:])
+    assert ep.support_x.flatten(0, 1).is_contiguous(memory_format=torch.channels_last) == channels_last
