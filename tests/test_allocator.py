@@ -1,3 +1,4 @@
+import statistics
 import subprocess
 import sys
 
@@ -32,7 +33,7 @@ def step():
     loss.backward()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-print(kept, *[step() for _ in range(5)])
+print(kept, *[step() for _ in range(8)])
 """
 
 
@@ -45,7 +46,9 @@ def faults_per_step(mode: str) -> tuple[str, list[int]]:
 def test_meta_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
     kept, faults = faults_per_step("keep")
     assert kept == "True"
-    assert faults[-1] < 1000, faults  # measured: 2
+    # measured: [106,000, 8,000-25,000, then 0-4 with an occasional 3,900-12,000]
+    assert statistics.median(faults[2:]) < 1000, faults
     returned, control = faults_per_step("return")
     assert returned == "True"
-    assert min(control[1:]) > 10_000, control  # every step faults its activations in again
+    assert min(control[1:]) > 10_000, control  # every step faults its activations in again (380,000)
+    assert sum(faults[1:]) < sum(control[1:]) / 20
