@@ -73,10 +73,16 @@ def grouped_forward(
     """
     tasks, n = x.shape[:2]
     h = x.transpose(0, 1).flatten(1, 2) if x.dim() > 3 else x.transpose(0, 1)  # [n, tasks * c, ...] or [n, tasks, d]
+    # One task without gradients (evaluation's query forward on a CPU) is a plain network: there
+    # channels_last convolutions and pooling without layout copies ran a Conv4 forward of 75 images
+    # 1.2x faster (bf16, 28x28 and 84x84). Grouped convolutions, and backward passes, were slower with it.
+    channels_last = h.device.type == "cpu" and h.dim() == 4 and tasks == 1 and not torch.is_grad_enabled()
     for name, m in layers:
         if isinstance(m, nn.Conv2d):
             w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
             h = conv2d(h, _per_task(w, tasks, 4), None if b is None else _per_task(b, tasks, 1), m, tasks)
+            if channels_last:
+                h = h.contiguous(memory_format=torch.channels_last)
         elif isinstance(m, nn.Linear):
             w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
             h = torch.einsum("ntd,tkd->ntk", h, _each(w, tasks, 2))
@@ -86,6 +92,8 @@ def grouped_forward(
             h = _norm(m, name, params, buffers, h, tasks, mode, support_size, update_stats)
         elif isinstance(m, nn.ReLU):
             h = F.relu(h)
+        elif isinstance(m, nn.MaxPool2d) and channels_last:
+            h = F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
         elif isinstance(m, nn.MaxPool2d):
             h = max_pool2d(h, m)
         else:  # Flatten: [n, tasks * c, h, w] -> [n, tasks, c * h * w]

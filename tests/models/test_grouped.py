@@ -52,6 +52,19 @@ def test_equals_each_task_run_on_its_own(kind, mode):
             torch.testing.assert_close(grouped_stats[k][t], stats[k])
 
 
+@pytest.mark.parametrize("mode", ["batch", "support", "running"])
+def test_one_task_without_gradients_equals_its_own_forward(mode):
+    """The path evaluation's query forward takes on a CPU (channels_last throughout)."""
+    torch.manual_seed(0)
+    backbone = Conv4((3, 12, 12), hidden=4, layers=3).double()
+    params, buffers = per_task_params(backbone, 1)
+    x = torch.randn(1, N, 3, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        out = grouped_forward(grouped_layers(backbone), params, buffers, x, mode, SUPPORT)
+        expected, _ = one_task(backbone, params, buffers, 0, x[0], mode, SUPPORT)
+    torch.testing.assert_close(out[0], expected)
+
+
 def test_shared_weights_broadcast_to_every_task():
     torch.manual_seed(0)
     backbone = Conv4((1, 8, 8), hidden=4, layers=2).double().eval()
