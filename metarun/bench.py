@@ -344,17 +344,16 @@ class Bench:
 
             return run
 
-        device = torch.device("cpu") if self.device.type == "cpu" else self.device
         timing = measure(
             {"engine": repeated(engine.sample), "dataloader(workers=0)": repeated(loader(0).sample)},
             self.repeats,
             self.warmup,
-            device,
+            self.device,
         )
         # Worker processes refill their prefetch queue between calls, on the same 2 cores: timed
         # alone, and shut down before anything else is timed.
         workers = loader(2)
-        timing |= measure({"dataloader(workers=2)": repeated(workers.sample)}, self.repeats, self.warmup, device)
+        timing |= measure({"dataloader(workers=2)": repeated(workers.sample)}, self.repeats, self.warmup, self.device)
         del workers
         timing = {k: replace(v, seconds=v.seconds / SAMPLER_ROUNDS) for k, v in timing.items()}  # per meta-batch
         best = min((k for k in timing if k != "engine"), key=lambda k: timing[k].seconds)

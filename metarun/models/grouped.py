@@ -146,8 +146,9 @@ def max_pool2d(x: torch.Tensor, m: nn.MaxPool2d) -> torch.Tensor:
     one, even counting the copy into channels_last (8.1 vs 2.5 ms for
     ``[10, 320, 28, 28]``, 2 threads): pooling was 17% of a Reptile step. Both
     kernels pick the same maxima, and the backward is the native NCHW one, so
-    values and gradients (of every order) are unchanged. Where no gradient will be taken (evaluation's
-    query forward) the kernel runs without indices: 1.07x an evaluation of 16 MAML episodes.
+    values and gradients (of every order) are unchanged. Where no gradient will be taken (a query
+    forward of several tasks a call; one task runs channels_last throughout, see :func:`grouped_forward`)
+    the kernel runs without indices: 1.07x an evaluation of 16 MAML episodes.
     """
     if x.device.type != "cpu" or x.dim() != 4:
         return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
