@@ -1,11 +1,10 @@
-import statistics
 import subprocess
 import sys
 
 import pytest
 
 # Second-order MAML steps in a fresh interpreter (as the CLI runs them, keep_freed_memory() first): the
-# page faults of each step. With the freed activations kept, the heap reaches a steady state within a
+# page faults of each step. With the freed activations kept, faults fall by two orders of magnitude within a
 # few steps. The control fixes glibc's thresholds at their static defaults (128 KB, which also stops them
 # adapting), so every step hands its activations back and faults them in again. glibc's adaptive
 # defaults land in between, and where depends on the machine: 35,000-70,000 faults a step on one,
@@ -46,9 +45,9 @@ def faults_per_step(mode: str) -> tuple[str, list[int]]:
 def test_meta_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
     kept, faults = faults_per_step("keep")
     assert kept == "True"
-    # measured: [106,000, 8,000-25,000, then 0-4 with an occasional 3,900-12,000]
-    assert statistics.median(faults[2:]) < 1000, faults
     returned, control = faults_per_step("return")
     assert returned == "True"
     assert min(control[1:]) > 10_000, control  # every step faults its activations in again (380,000)
-    assert sum(faults[1:]) < sum(control[1:]) / 20
+    # Kept, the heap still grows now and then by a block or a few (about 2,000 pages each): measured
+    # [100,000, 8,000-25,000, then 0-12,000 a step, 12,000-20,000 in all over the last six steps].
+    assert sum(faults[2:]) < sum(control[2:]) / 50, faults
