@@ -218,19 +218,59 @@ def fold_features(backbone: nn.Module, xs: torch.Tensor, xq: torch.Tensor, bn_mo
     tasks, each task normalised with its own statistics (``eval.bn_mode``; ``transductive`` in training:
     support and query each with their own).
 
-    As in ProtoNet: on an accelerator all tasks go in one folded call; on a CPU one call per task,
-    which is faster there (1.2 s vs 2.1 s forward + backward for 32 tasks of 30 images, Conv4, one
-    thread), with the running statistics averaged over the calls (:func:`one_task_per_call`).
+    On an accelerator all tasks go in one folded call. On a CPU, where gradients will be taken, a
+    sequential backbone (Conv4) runs as one grouped network with shared weights, :func:`tasks_per_call`
+    tasks a call (:func:`_grouped_features`). Otherwise tasks go one a call, which beat one folded call
+    there (1.2 s vs 2.1 s forward + backward for 32 tasks of 30 images, Conv4, one thread) and, without
+    gradients, grouped calls too (an evaluation of 32 ANIL episodes 0.76x, of finetune 0.83x), with the
+    running statistics averaged over the calls (:func:`one_task_per_call`).
     """
     t = xs.shape[0]
     if xs.device.type != "cpu" or t == 1:
         return _fold_features(backbone, xs, xq, bn_mode)
+    layers = grouped_layers(backbone)
+    if layers is not None and torch.is_grad_enabled():
+        return _grouped_features(backbone, layers, xs, xq, bn_mode)
     parts = []
     with one_task_per_call(backbone) as next_task:
         for i in range(t):
             parts.append(_fold_features(backbone, xs[i : i + 1], xq[i : i + 1], bn_mode))
             next_task()
     return torch.cat([s for s, _ in parts]), torch.cat([q for _, q in parts])
+
+
+def _grouped_features(backbone: nn.Module, layers, xs: torch.Tensor, xq: torch.Tensor, bn_mode: str):
+    """:func:`fold_features` as grouped calls: the tasks are channel groups (each normalised on its own)
+    of a network whose convolutions are ordinary ones over all their images. ANIL's meta-step of 32
+    5-way 1-shot 1-query tasks took 1.4x less time than with one call per task (bf16, 2 threads).
+
+    A training forward updates every task's own copy of the running statistics, support then query as
+    one task's calls would, and they become the mean over tasks."""
+    params = dict(backbone.named_parameters())
+    buffers = {k: b for k, b in backbone.named_buffers() if b.is_floating_point()}  # running mean and variance
+    update = backbone.training and bn_mode == "transductive" and bool(buffers)
+    tasks = xs.shape[0]
+    size = tasks_per_call(xs.shape[1] + xq.shape[1], xs.device, xs.shape[2:].numel())
+    sums = {k: torch.zeros_like(b) for k, b in buffers.items()}
+    zs, zq = [], []
+    for start in range(0, tasks, size):
+        s, q = xs[start : start + size], xq[start : start + size]
+        own = {k: b.expand(len(s), *b.shape).clone() for k, b in buffers.items()} if update else buffers
+        if bn_mode == "transductive":
+            zs.append(grouped_forward(layers, params, own, s, "batch", update_stats=update))
+            zq.append(grouped_forward(layers, params, own, q, "batch", update_stats=update))
+        else:
+            z = grouped_forward(layers, params, own, torch.cat([s, q], 1), BN_MODES[bn_mode], support_size=s.shape[1])
+            zs.append(z[:, : s.shape[1]])
+            zq.append(z[:, s.shape[1] :])
+        if update:
+            for k, v in own.items():
+                sums[k] += v.sum(0)
+    if update:
+        with torch.no_grad():
+            for k, b in buffers.items():
+                b.copy_(sums[k] / tasks)
+    return torch.cat(zs), torch.cat(zq)
 
 
 def _fold_features(backbone: nn.Module, xs: torch.Tensor, xq: torch.Tensor, bn_mode: str) -> tuple[torch.Tensor, torch.Tensor]:

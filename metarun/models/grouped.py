@@ -79,8 +79,7 @@ def grouped_forward(
     channels_last = h.device.type == "cpu" and h.dim() == 4 and tasks == 1 and not torch.is_grad_enabled()
     for name, m in layers:
         if isinstance(m, nn.Conv2d):
-            w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
-            h = conv2d(h, _per_task(w, tasks, 4), None if b is None else _per_task(b, tasks, 1), m, tasks)
+            h = _conv(h, params[f"{name}.weight"], params.get(f"{name}.bias"), m, tasks)
             if channels_last:
                 h = h.contiguous(memory_format=torch.channels_last)
         elif isinstance(m, nn.Linear):
@@ -99,6 +98,20 @@ def grouped_forward(
         else:  # Flatten: [n, tasks * c, h, w] -> [n, tasks, c * h * w]
             h = h.reshape(n, tasks, -1)
     return h.transpose(0, 1)
+
+
+def _conv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: nn.Conv2d, tasks: int) -> torch.Tensor:
+    if w.dim() == 4:
+        # Weights shared by every task (ANIL's backbone): one ordinary convolution of the n * tasks images,
+        # whose output is already [n, tasks * c, h, w]. Forward and backward of Conv4 for 32 tasks of 5
+        # 28x28 images (bf16, 2 threads) took 1.3x less time than as a grouped convolution. Weights with
+        # NCHW strides keep the output in that layout under a channels_last model (``contiguous()`` is not
+        # enough: a one-channel weight counts as contiguous in either layout).
+        n = h.shape[0]
+        w = w.clone(memory_format=torch.contiguous_format)
+        y = F.conv2d(h.reshape(n * tasks, -1, *h.shape[2:]), w, b, m.stride, m.padding, m.dilation)
+        return y.view(n, -1, *y.shape[2:])
+    return conv2d(h, _per_task(w, tasks, 4), None if b is None else _per_task(b, tasks, 1), m, tasks)
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: nn.Conv2d, groups: int) -> torch.Tensor:

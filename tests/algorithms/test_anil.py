@@ -45,12 +45,18 @@ def test_task_by_task_and_folded_passes_update_the_running_statistics_alike(monk
         torch.testing.assert_close(value, buffers[False][name], rtol=0, atol=1e-12)
 
 
-def test_the_backbone_runs_once_per_set_and_task():
-    """One forward of each support and query set (folded on accelerators, per task on a CPU), whatever the inner steps."""
-    torch.manual_seed(0)
-    algo = ANIL(tiny_backbone("conv4"), 3, inner_steps=5, strategy="loop").double()
-    calls = []
-    algo.backbone.register_forward_hook(lambda *a: calls.append(1))
-    xs, ys, xq, yq = tiny_tasks(tasks=3)
-    algo.training_loss(Episode(xs, ys, xq, yq, 3))
-    assert len(calls) == 2 * 3
+@pytest.mark.parametrize("task_by_task", [True, False], ids=["task_by_task", "folded"])
+def test_the_backbone_runs_once_per_set_whatever_the_inner_steps(task_by_task, monkeypatch):
+    """Convolutions counted: each of the two layers once for the support sets and once for the query
+    sets, per task (task by task) or per grouped call of all three tiny tasks (folded, on a CPU)."""
+    monkeypatch.setattr(ANIL, "task_by_task", staticmethod(lambda batch: task_by_task))
+    conv2d, calls = torch.nn.functional.conv2d, []
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))
+    counts = []
+    for steps in (1, 5):
+        torch.manual_seed(0)
+        algo = ANIL(tiny_backbone("conv4"), 3, inner_steps=steps, strategy="loop").double()
+        calls.clear()
+        algo.training_loss(Episode(*tiny_tasks(tasks=3), 3))
+        counts.append(len(calls))
+    assert counts == [2 * 2 * (3 if task_by_task else 1)] * 2

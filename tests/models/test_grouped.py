@@ -65,15 +65,24 @@ def test_one_task_without_gradients_equals_its_own_forward(mode):
     torch.testing.assert_close(out[0], expected)
 
 
-def test_shared_weights_broadcast_to_every_task():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("mode", ["batch", "running"])
+def test_shared_weights_are_one_convolution_of_every_tasks_images(mode, layout):
+    """Weights without a task dim (ANIL's backbone) go through ordinary convolutions, also from a
+    channels_last model: outputs and weight gradients as each task run on its own."""
     torch.manual_seed(0)
-    backbone = Conv4((1, 8, 8), hidden=4, layers=2).double().eval()
+    backbone = Conv4((1, 8, 8), hidden=4, layers=2).double().eval().to(memory_format=layout)
     shared = dict(backbone.named_parameters())
     x = torch.randn(TASKS, N, 1, 8, 8, dtype=torch.float64)
-    out = grouped_forward(grouped_layers(backbone), shared, dict(backbone.named_buffers()), x, "running")
-    with norm_statistics(backbone, "running"):
+    out = grouped_forward(grouped_layers(backbone), shared, dict(backbone.named_buffers()), x, mode)
+    with norm_statistics(backbone, mode):
         expected = torch.stack([backbone(x[t]) for t in range(TASKS)])
     torch.testing.assert_close(out, expected)
+    probe = torch.randn_like(out)
+    got = torch.autograd.grad((out * probe).sum(), list(shared.values()))
+    want = torch.autograd.grad((expected * probe).sum(), list(shared.values()))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_only_plain_sequences_can_be_grouped():
