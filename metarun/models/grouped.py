@@ -148,7 +148,9 @@ class _ConvOfImages(torch.autograd.Function):
         n, positions = grad.shape[0], grad.shape[2] * grad.shape[3]
         cols = F.unfold(x.to(grad.dtype), shape[2:], dilation, padding, stride).view(n, groups, -1, positions)
         gw = torch.matmul(grad.reshape(n, groups, -1, positions), cols.transpose(2, 3)).sum(0).view(shape)
-        gb = grad.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        # image by image first: a reduced-precision sum over dims that include a non-innermost one is run
+        # on a float copy of the whole gradient (3 ms of a 143 ms first-order MAML step, four times)
+        gb = grad.sum((2, 3)).sum(0) if ctx.needs_input_grad[2] else None
         return None, gw, gb, None, None, None, None
 
 
