@@ -58,7 +58,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from metarun.algorithms.base import Algorithm, accuracy
 from metarun.errors import ConfigError
 from metarun.models.grouped import grouped_forward, grouped_layers
-from metarun.models.norm import BN_MODES, norm_statistics, one_task_per_call
+from metarun.models.norm import BN_MODES, differentiated_twice, norm_statistics, one_task_per_call
 
 Params = dict[str, Any]  # possibly nested dicts of tensors (a pytree)
 
@@ -150,7 +150,7 @@ def autograd_grad(fn: Callable, has_aux: bool = False, create_graph: bool = Fals
     """
 
     def wrapper(x, *args):
-        with torch.enable_grad():
+        with torch.enable_grad(), differentiated_twice(create_graph):
             leaves, spec = tree_flatten(x)
             leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in leaves]
             out = fn(tree_unflatten(leaves, spec), *args)

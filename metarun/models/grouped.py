@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.models.norm import EpisodeBatchNorm, normalize_by, running_momentum
+from metarun.models.norm import EpisodeBatchNorm, batch_norm, normalize_by, running_momentum
 
 SUPPORTED = (nn.Conv2d, EpisodeBatchNorm, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear)
 
@@ -224,6 +224,8 @@ def _norm(m: EpisodeBatchNorm, name: str, params, buffers, h, tasks: int, mode: 
         stats = running or (update_stats and m.track_running_stats)
         mean = _per_task(buffers[f"{name}.running_mean"], tasks, 1) if stats else None
         var = _per_task(buffers[f"{name}.running_var"], tasks, 1) if stats else None
-        momentum = 0.0 if running else running_momentum(m)
-        y = F.batch_norm(h, mean, var, weight, bias, not running, momentum, m.eps)
+        if running:
+            y = F.batch_norm(h, mean, var, weight, bias, False, 0.0, m.eps)
+        else:
+            y = batch_norm(h, weight, bias, mean, var, running_momentum(m), m.eps)
     return y.view(shape)

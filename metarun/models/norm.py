@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class EpisodeBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -145,3 +146,119 @@ def one_task_per_call(model: nn.Module) -> Iterator[Callable[[], None]]:
                 if calls:
                     mean.copy_(sum_mean / calls)
                     var.copy_(sum_var / calls)
+
+
+#: whether the forward passes running now will have their gradient differentiated (:func:`differentiated_twice`)
+_twice = False
+
+
+@contextmanager
+def differentiated_twice(enabled: bool = True) -> Iterator[None]:
+    """Forward passes inside will have their gradient differentiated again (a second-order inner step)."""
+    global _twice
+    saved, _twice = _twice, enabled
+    try:
+        yield
+    finally:
+        _twice = saved
+
+
+def batch_norm(x: torch.Tensor, weight, bias, running_mean, running_var, momentum: float, eps: float) -> torch.Tensor:
+    """``F.batch_norm`` with batch statistics; on a CPU, in :func:`differentiated_twice`, one whose second
+    derivative is :class:`_BatchNormBackward`'s.
+
+    PyTorch's double backward of batch norm is some twenty full-size operations, with a bf16 input
+    mixed with fp32 statistics and weights: 48 ms for ``[5, 1024, 28, 28]`` (the first layer of a
+    grouped second-order MAML call) against 11 ms here, both including the forward and backward
+    (2 threads); second-order MAML and Meta-SGD steps took 1.33x less time. A Python function costs
+    more per call than the native one, so forward passes whose gradient is taken once keep it
+    (first-order MAML 0.95x, Reptile 0.94x with this one everywhere).
+    """
+    if not _twice or x.device.type != "cpu" or weight is None or not torch.is_grad_enabled():
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+    return _BatchNorm.apply(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+class _BatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, mean, invstd = ctx.saved_tensors
+        return *_BatchNormBackward.apply(x, weight, mean, invstd, gy, ctx.eps), None, None, None, None
+
+
+class _BatchNormBackward(torch.autograd.Function):
+    """Batch norm's native backward, with the derivative of its outputs ``(gx, gw, gb)`` written out.
+
+    With ``x̂ = (x - μ) r`` and per-channel sums over the ``M`` samples, the forward's backward is
+    ``gx = w r (g - mean(g) - x̂ mean(g x̂))``, ``gw = Σ g x̂``, ``gb = Σ g``. For upstream
+    ``(ggx, ggw, ggb)``, the derivatives are, with ``s0 = Σ ggx``, ``s1 = Σ ggx x̂`` and
+    ``Q = Σ ggx (g - mean(g)) - s1 mean(g x̂)``:
+
+    * with respect to ``g``: ``w r (ggx - mean(ggx) - x̂ s1 / M) + ggw x̂ + ggb``, the native backward
+      applied to ``ggx``, plus two terms;
+    * with respect to ``w``: ``r Q``;
+    * with respect to ``x``: ``A g + B ggx + C1 x̂ + C0``, from the chain rule through ``x̂`` and ``r``
+      (``∂x̂_j/∂x_i = r (δ_ij - 1/M - x̂_i x̂_j / M)``, ``∂r/∂x_i = -r² x̂_i / M``); the per-channel
+      coefficients are below.
+
+    Every sum comes from a native batch-norm kernel (float accumulation) or from the forward's
+    backward, and every full-size operation runs in the input's precision.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, mean, invstd, gy, eps):
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            gy, x, weight, None, None, mean, invstd, True, eps, [True, True, True]
+        )
+        ctx.save_for_backward(x, weight, mean, invstd, gy, gw, gb)
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)
+        return gx, gw, gb
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ggx, ggw, ggb):
+        x, w, mean, r, g, gw, gb = ctx.saved_tensors
+        m = x.numel() // x.shape[1]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        dtype = r.dtype  # the coefficients' precision: float32 for bf16 activations
+        w, gw, gb = w.to(dtype), gw.to(dtype), gb.to(dtype)
+        g_mean, gx_mean = gb / m, gw / m  # mean(g), mean(g x̂)
+        xhat = F.batch_norm(x, mean, r.pow(-2) - ctx.eps, None, None, False, 0.0, ctx.eps)  # (x - μ) r, centred in float
+        zero = torch.zeros_like(r)
+        ggw_ = zero if ggw is None else ggw.to(dtype)
+        d_g = grad_w = None
+        s0 = s1 = q = zero
+        if ggx is not None:
+            d_g, s1, s0 = torch.ops.aten.native_batch_norm_backward(
+                ggx, x, w, None, None, mean, r, True, ctx.eps, [True, True, True]
+            )
+            centred = torch.ops.aten.native_batch_norm_backward(
+                ggx, g, None, None, None, g_mean, torch.ones_like(r), True, 0.0, [False, True, False]
+            )[1]  # Σ ggx (g - mean(g))
+            q = centred - s1 * gx_mean
+            grad_w = r * q
+        wr = w * r
+        a = r * ggw_ - wr * r * s1 / m
+        b = -wr * r * gx_mean
+        mean_gx = ggw_ * gx_mean - 2 * wr * gx_mean * s1 / m  # mean(G x̂), G the derivative with respect to x̂
+        mean_g = ggw_ * g_mean - wr * (g_mean * s1 + s0 / m * gw) / m
+        c1 = -r * mean_gx - wr * r * q / m
+        c0 = -r * mean_g
+        low = x.dtype
+        grad_x = g * a.to(low).view(shape)
+        if ggx is not None:
+            grad_x.addcmul_(ggx, b.to(low).view(shape))
+        grad_x.addcmul_(xhat, c1.to(low).view(shape)).add_(c0.to(low).view(shape))
+        if ggw is not None:
+            d_g = xhat * ggw.to(low).view(shape) if d_g is None else d_g.addcmul_(xhat, ggw.to(low).view(shape))
+        if ggb is not None:
+            d_g = ggb.to(low).view(shape).expand_as(g).clone() if d_g is None else d_g.add_(ggb.to(low).view(shape))
+        return grad_x, grad_w, None, None, d_g, None
