@@ -23,7 +23,6 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from metarun.algorithms.base import surrogate_loss
 from metarun.algorithms.functional import (
-    GROUPED_MAX_IMAGES_PER_TASK,
     Params,
     check_bn_mode,
     fold_features,
@@ -33,6 +32,10 @@ from metarun.algorithms.functional import (
 from metarun.algorithms.maml import MAML
 from metarun.data.episodes import Episode
 from metarun.models.norm import one_task_per_call
+
+#: On a CPU, tasks of more images than this take their backbone forward and backward one at a time
+#: (:meth:`ANIL.task_by_task`)
+TASK_BY_TASK_IMAGES = 40
 
 
 class ANIL(MAML):
@@ -85,12 +88,13 @@ class ANIL(MAML):
 
     @staticmethod
     def task_by_task(batch: Episode) -> bool:
-        """On a CPU, for tasks above the size at which grouped calls too take one task each: measured
-        against the per-task loop (``metarun bench --quick``), 5-way 1-shot 15 queries went from
-        0.76-0.86x to 0.96-1.02x (peak memory 516 -> 163 MB), while 1 query fell from 1.00-1.04x
-        to 0.77-0.83x."""
+        """On a CPU, for tasks of more than ``TASK_BY_TASK_IMAGES`` images: measured against the per-task
+        loop (``metarun bench --quick``), 5-way 1-shot 15 queries went from 0.76-0.86x to 0.96-1.02x
+        (peak memory 516 -> 163 MB) against one folded call; grouped calls of 6 such tasks
+        (:func:`~metarun.algorithms.functional.fold_features`) took as long (921 vs 942 ms a step)
+        with more memory held."""
         images = batch.support_x.shape[1] + batch.query_x.shape[1]
-        return batch.support_x.device.type == "cpu" and batch.num_tasks > 1 and images > GROUPED_MAX_IMAGES_PER_TASK
+        return batch.support_x.device.type == "cpu" and batch.num_tasks > 1 and images > TASK_BY_TASK_IMAGES
 
     def training_loss_task_by_task(self, batch: Episode, head: Params):
         """Each task's backbone forward and backward in turn, so that one task's activations are alive

@@ -67,18 +67,15 @@ INNER_OPTIMIZERS = ("sgd", "adam")
 TASK_KINDS = ("classification", "regression")
 
 #: A grouped call (``strategy=grouped``) takes as many tasks as keep it at about this many images
-#: (``algo.chunk_size`` overrides): larger calls outgrow the caches. Measured as below, speed
-#: relative to the loop, second order / first order / evaluation: 10 images a task in calls of
-#: 16 tasks 1.6x / 1.8x / 1.8x (all 32 at once: 0.9x / 2.2x / 1.7x), 20 images in calls of 8
-#: 1.4x / 1.4x / 1.6x, 40 images in calls of 4 1.2x / 1.1x / 1.5x, 100 images one task a call
-#: 1.06x / 1.03x / 1.04x (plain autograd instead of the loop's nested ``torch.func.grad``).
-#: Tasks of more than ``GROUPED_MAX_IMAGES_PER_TASK`` images go one a call: at 80 images (5-way
-#: 1-shot, 15 queries) calls of 2 tasks made second-order MAML 0.85-0.87x the benchmark's per-task
-#: loop, calls of 1 1.00-1.09x (``metarun bench --quick``).
-#: Images count in 28x28 Omniglot images: a 3x84x84 one is 27 (Reptile's 4 tasks of 10 such images a
-#: step: 0.67 s in one call, 0.48 s one task a call, 0.55 s two).
-GROUPED_IMAGES_PER_CALL = 160
-GROUPED_MAX_IMAGES_PER_TASK = 40
+#: (``algo.chunk_size`` overrides): larger calls outgrow the caches. Images count in 28x28 Omniglot
+#: images; a 3x84x84 one is 27. Second-order MAML steps of 32 Omniglot tasks (2 threads, bf16, batch
+#: norm with its written-out double backward, :func:`metarun.models.norm.batch_norm`), in calls of
+#: 1, 2, 4 tasks (and 4, 8, 16 in a second run): 15 queries, 80 images a task, 1562, 1356, 1202 ms
+#: (1116, 1058, 1032 ms); 5-shot, 100 images, calls of 1, 4, 8 tasks 1914, 1665, 1617 ms; 1 query,
+#: 10 images, calls of 16 and 32 tasks 269 and 250 ms. First-order MAML and Reptile gained alike.
+#: miniImageNet tasks go one a call: calls of 1, 2, 4 took 494, 615, 605 ms (second-order MAML, 4
+#: tasks of 80 images) and 322, 374, 364 ms (Reptile, inner batches of 10 images).
+GROUPED_IMAGES_PER_CALL = 512
 OMNIGLOT_IMAGE_NUMEL = 28 * 28
 
 
@@ -88,8 +85,6 @@ def tasks_per_call(images_per_task: int, device: torch.device, image_numel: int 
     if device.type != "cpu":
         return None
     images = images_per_task * max(1.0, image_numel / OMNIGLOT_IMAGE_NUMEL)
-    if images > GROUPED_MAX_IMAGES_PER_TASK:
-        return 1
     return max(1, int(GROUPED_IMAGES_PER_CALL // max(images, 1)))
 
 
@@ -469,8 +464,7 @@ class FunctionalLearner(Algorithm):
         """``fn`` called on ``size`` tasks at a time with their tensors stacked, outputs concatenated.
 
         Chunks keep each call's activations small enough for the caches (see
-        :data:`GROUPED_IMAGES_PER_CALL`): one call for 32 tasks of 100 images is
-        3x slower than a loop over them.
+        :data:`GROUPED_IMAGES_PER_CALL`).
         """
 
         def call(*chunk):

@@ -190,7 +190,7 @@ def test_auto_strategy_rule():
 def test_grouped_call_sizes_follow_the_cpus_caches_and_take_everything_on_a_gpu():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert functional.tasks_per_call(10, cpu) == functional.GROUPED_IMAGES_PER_CALL // 10
-    assert functional.tasks_per_call(functional.GROUPED_MAX_IMAGES_PER_TASK + 1, cpu) == 1
+    assert functional.tasks_per_call(functional.GROUPED_IMAGES_PER_CALL + 1, cpu) == 1
     assert functional.tasks_per_call(10, gpu) is None and functional.tasks_per_call(100, gpu) is None
     assert functional.tasks_per_call(10, cpu, 3 * 84 * 84) == 1  # 10 miniImageNet images are 270 Omniglot ones
     assert functional.tasks_per_call(1, cpu, 3 * 32 * 32) == functional.GROUPED_IMAGES_PER_CALL * 784 // (3 * 1024)
