@@ -116,8 +116,8 @@ def test_evaluation_is_the_same_with_either_strategy(bn_mode):
 
 @pytest.mark.parametrize("bn_mode", ["transductive", "support", "running"])
 def test_grouped_evaluation_runs_its_queries_in_sub_calls_with_the_loops_predictions(bn_mode, monkeypatch):
-    """A grouped evaluation call is sized by the support images of an inner step; its query forward is
-    split into smaller calls (here 2 or 1 tasks of 5), which must not change a single logit."""
+    """A grouped evaluation call is sized by the support images of an inner step; its query forward
+    runs one task a call (channels_last on a CPU), which must not change a single logit."""
     monkeypatch.setattr(functional, "GROUPED_IMAGES_PER_CALL", 24)  # 4 tasks of 6 support images a call
     data = data_for("conv4", tasks=5, queries=4)
     logits = {}
