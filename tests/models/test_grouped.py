@@ -150,3 +150,22 @@ def test_grouped_convolution_of_images_equals_the_native_one_to_second_order(con
     tol = {"rtol": 5e-2, "atol": 5e-2} if precision == torch.bfloat16 else {}  # two bf16 kernels summing in different orders
     for a, b in zip(native, grouped, strict=True):
         torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_max_pool_runs_before_the_relu_in_front_of_it_with_the_same_values_and_gradients():
+    """Integer inputs, so that windows hold ties: equal maxima, and all-negative windows that the ReLU
+    turns into ties at zero. Values, gradients and second-order gradients match the layers' own order."""
+    kinds = [type(m).__name__ for _, m in grouped_layers(Conv4((1, 8, 8), hidden=4, layers=2))]
+    assert kinds[:4] == ["Conv2d", "EpisodeBatchNorm", "MaxPool2d", "ReLU"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (3, 4, 8, 8), generator=g).double().requires_grad_()
+    out = torch.randn(3, 4, 4, 4, generator=g, dtype=torch.float64).requires_grad_()
+    pool = torch.nn.MaxPool2d(2)
+    results = []
+    for f in (lambda t: torch.relu(max_pool2d(t, pool)), lambda t: max_pool2d(torch.relu(t), pool)):
+        y = f(x)
+        (gx,) = torch.autograd.grad(y, x, out, create_graph=True)
+        results.append((y, gx, *torch.autograd.grad((gx * x).sum(), (out,))))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    assert results[0][1].abs().sum() > 0
