@@ -243,11 +243,11 @@ def _grouped_features(backbone: nn.Module, layers, xs: torch.Tensor, xq: torch.T
     update = backbone.training and bn_mode == "transductive" and bool(buffers)
     tasks = xs.shape[0]
     size = tasks_per_call(xs.shape[1] + xq.shape[1], xs.device, xs.shape[2:].numel())
-    sums = {k: torch.zeros_like(b) for k, b in buffers.items()}
+    per_task = {k: b.detach().expand(tasks, *b.shape).clone() for k, b in buffers.items()} if update else {}
     zs, zq = [], []
     for start in range(0, tasks, size):
         s, q = xs[start : start + size], xq[start : start + size]
-        own = {k: b.expand(len(s), *b.shape).clone() for k, b in buffers.items()} if update else buffers
+        own = {k: v[start : start + size] for k, v in per_task.items()} if update else buffers  # views: updated in place
         if bn_mode == "transductive":
             zs.append(grouped_forward(layers, params, own, s, "batch", update_stats=update))
             zq.append(grouped_forward(layers, params, own, q, "batch", update_stats=update))
@@ -255,13 +255,10 @@ def _grouped_features(backbone: nn.Module, layers, xs: torch.Tensor, xq: torch.T
             z = grouped_forward(layers, params, own, torch.cat([s, q], 1), BN_MODES[bn_mode], support_size=s.shape[1])
             zs.append(z[:, : s.shape[1]])
             zq.append(z[:, s.shape[1] :])
-        if update:
-            for k, v in own.items():
-                sums[k] += v.sum(0)
     if update:
         with torch.no_grad():
             for k, b in buffers.items():
-                b.copy_(sums[k] / tasks)
+                b.copy_(per_task[k].mean(0))
     return torch.cat(zs), torch.cat(zq)
 
 
