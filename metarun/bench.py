@@ -5,7 +5,7 @@ about the code, so every figure stands beside a reference implementation
 (:mod:`metarun.bench_reference`) timed in the same process, interleaved with it
 round by round so that a change of load hits both; the ratio is the headline.
 Each path is warmed up first (vmap tracing, oneDNN primitive caches, compiled
-graphs), then timed ``repeats`` times; the median is kept.
+graphs), then timed for at least ``repeats`` rounds and ``--min-seconds``; the median is kept.
 
 The fast path is built from the same calls as ``metarun train`` (the config's
 algorithm and optimiser through :mod:`metarun.factory`, the episode engine,
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import platform
 import resource
@@ -50,6 +51,7 @@ from metarun.factory import build_algorithm, build_optimizer, build_sampler
 
 GRADIENT_BASED = ("maml", "fomaml", "anil", "metasgd", "reptile")
 SAMPLER_ROUNDS = 20  # meta-batches sampled per timed call
+MAX_ROUNDS = 25  # timed rounds per figure, at most
 ALGORITHMS = (*GRADIENT_BASED, "protonet", "finetune")
 
 
@@ -177,6 +179,7 @@ def rss_peak() -> int:
 class Timing:
     seconds: float
     peak_mb: float
+    rounds: int = 1
 
 
 def measure(
@@ -185,13 +188,17 @@ def measure(
     warmup: int,
     device: torch.device,
     warm: dict[str, Callable[[], None]] | None = None,
+    min_seconds: float = 0.0,
 ) -> dict[str, Timing]:
     """Median seconds per call of each path, the paths interleaved round by round (order alternating).
 
     ``warm``: a cheaper call per path for the warm-up, with the same shapes (a few of 600 episodes).
     Peak memory is taken on one more warm-up call. Measuring it hands the freed heap back to the OS
-    first, and a timed call after that would fault all its memory in again: a cost a training run
-    pays once, not every step, and the larger the batched path's footprint the more it would pay.
+    first, so one untimed round follows the last of them: a timed call would otherwise fault all its
+    memory in again, a cost a training run pays once, not every step.
+
+    At least ``repeats`` rounds are timed, and more (up to ``MAX_ROUNDS``) until the rounds add up to
+    ``min_seconds``: a median of 3 calls of a 0.1 s step swung a ratio by 10% from run to run.
     """
     peaks = {}
     for name, fn in paths.items():
@@ -201,16 +208,23 @@ def measure(
         with PeakMemory(device) as mem:
             call()
         peaks[name] = mem.mb
+    for name, fn in paths.items():
+        (warm or {}).get(name, fn)()
     times: dict[str, list[float]] = {k: [] for k in paths}
     names = list(paths)
-    for r in range(repeats):
+    rounds, r = repeats, 0
+    while r < rounds:
         for name in names if r % 2 == 0 else names[::-1]:
             synchronize(device)
             t0 = time.perf_counter()
             paths[name]()
             synchronize(device)
             times[name].append(time.perf_counter() - t0)
-    return {k: Timing(statistics.median(v), peaks[k]) for k, v in times.items()}
+        if r == 0:  # the first round tells how many fit in min_seconds
+            spent = sum(t[0] for t in times.values())
+            rounds = max(repeats, min(MAX_ROUNDS, math.ceil(min_seconds / spent))) if spent > 0 else repeats
+        r += 1
+    return {k: Timing(statistics.median(v), peaks[k], len(v)) for k, v in times.items()}
 
 
 def flops(fn: Callable[[], None]) -> int:
@@ -273,6 +287,7 @@ class Row:
     shape: str
     settings: str
     gflop_per_s: float | None = None
+    rounds: int = 1  # timed calls of each path; the figures are their medians
 
 
 def make_row(
@@ -293,13 +308,16 @@ def make_row(
     return Row(
         name, metric, value, reference, reference_value, ratio,
         None if goal is None else f"{goal[0]} {goal[1]:g}", met,
-        round(fast.peak_mb, 1), round(slow.peak_mb, 1), shape, settings, gflop_per_s,
+        round(fast.peak_mb, 1), round(slow.peak_mb, 1), shape, settings, gflop_per_s, fast.rounds,
     )  # fmt: skip
 
 
 class Bench:
-    def __init__(self, device: torch.device, repeats: int, warmup: int, eval_episodes: int, console: Console) -> None:
+    def __init__(
+        self, device: torch.device, repeats: int, warmup: int, eval_episodes: int, console: Console, min_seconds: float = 0.0
+    ) -> None:
         self.device, self.repeats, self.warmup, self.eval_episodes = device, repeats, warmup, eval_episodes
+        self.min_seconds = min_seconds
         self.console = console
         self.datasets: dict[tuple, FewShotDataset] = {}
         self.rows: list[Row] = []
@@ -349,11 +367,18 @@ class Bench:
             self.repeats,
             self.warmup,
             self.device,
+            min_seconds=self.min_seconds,
         )
         # Worker processes refill their prefetch queue between calls, on the same 2 cores: timed
         # alone, and shut down before anything else is timed.
         workers = loader(2)
-        timing |= measure({"dataloader(workers=2)": repeated(workers.sample)}, self.repeats, self.warmup, self.device)
+        timing |= measure(
+            {"dataloader(workers=2)": repeated(workers.sample)},
+            self.repeats,
+            self.warmup,
+            self.device,
+            min_seconds=self.min_seconds,
+        )
         del workers
         timing = {k: replace(v, seconds=v.seconds / SAMPLER_ROUNDS) for k, v in timing.items()}  # per meta-batch
         best = min((k for k in timing if k != "engine"), key=lambda k: timing[k].seconds)
@@ -428,7 +453,7 @@ class Bench:
             def slow() -> None:
                 reference.step(plain.sample(t))
 
-        timing = measure({"fast": fast, "reference": slow}, self.repeats, self.warmup, self.device)
+        timing = measure({"fast": fast, "reference": slow}, self.repeats, self.warmup, self.device, min_seconds=self.min_seconds)
         f, s = timing["fast"], timing["reference"]
         if name == "finetune":
             self.add(
@@ -479,7 +504,9 @@ class Bench:
 
         # warm-up on a full call and the last, partial one: Reptile's 600 episodes take minutes a path
         warm = {"fast": lambda: fast(min(n, batch_tasks + n % batch_tasks)), "reference": lambda: slow(2)}
-        timing = measure({"fast": fast, "reference": slow}, self.repeats, min(self.warmup, 1), self.device, warm)
+        timing = measure(
+            {"fast": fast, "reference": slow}, self.repeats, min(self.warmup, 1), self.device, warm, self.min_seconds
+        )
         f, s = timing["fast"], timing["reference"]
         gflops = None
         if name == "protonet":
@@ -601,7 +628,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--only", default=None, help="comma-separated names to run (e.g. sampler,protonet)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default: 3, quick: 2)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per figure, at least (default: 3, quick: 2)")
+    ap.add_argument(
+        "--min-seconds",
+        type=float,
+        default=None,
+        help=f"more rounds (up to {MAX_ROUNDS}) until a figure's timed calls add up to this (default: 6, quick: 1)",
+    )
     return ap.parse_args(argv)
 
 
@@ -621,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info(device)
     quick = args.quick
     repeats = args.repeats or (2 if quick else 3)
-    bench = Bench(device, repeats, warmup=1, eval_episodes=32 if quick else 600, console=console)
+    min_seconds = args.min_seconds if args.min_seconds is not None else (1.0 if quick else 6.0)
+    bench = Bench(device, repeats, 1, 32 if quick else 600, console, min_seconds)
     shapes = dict(SHAPES)
     if quick:  # fewer tasks per meta-step where tasks are large; the MAML paper's small tasks keep the targets' 32
         shapes = {
@@ -658,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {
-        "machine": machine | {"quick": quick, "repeats": repeats},
+        "machine": machine | {"quick": quick, "repeats": repeats, "min_seconds": min_seconds},
         "results": [asdict(r) for r in bench.rows],
         "notes": notes,
     }

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from metarun.bench import measure
+import metarun.bench
+from metarun.bench import MAX_ROUNDS, measure
 from tests.conftest import run_cli
 
 RESULT_KEYS = {"name", "metric", "value", "reference", "reference_value", "ratio", "peak_mem_mb", "shape", "target", "met"}
@@ -43,6 +44,26 @@ def test_measure_takes_peak_memory_on_a_warm_call_and_times_the_rest():
     timing = measure(
         {"small": allocate("small", 1), "large": allocate("large", 96)}, repeats=3, warmup=2, device=torch.device("cpu")
     )
-    assert calls == {"small": 2 + 1 + 3, "large": 2 + 1 + 3}  # warm-up, the memory call, the timed repeats
+    # warm-up, the memory call, one round to fault freed memory back in, the timed repeats
+    assert calls == {"small": 2 + 1 + 1 + 3, "large": 2 + 1 + 1 + 3}
+    assert timing["small"].rounds == timing["large"].rounds == 3
     assert timing["large"].peak_mb > 80 and timing["small"].peak_mb < 40
     assert all(t.seconds > 0 for t in timing.values())
+
+
+@pytest.mark.parametrize(("min_seconds", "rounds"), [(0.0, 2), (5.0, 10), (5.1, 11), (100.0, MAX_ROUNDS)])
+def test_cheap_calls_are_timed_for_more_rounds_until_they_add_up_to_min_seconds(monkeypatch, min_seconds, rounds):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(metarun.bench.time, "perf_counter", lambda: clock["now"])
+
+    def takes(seconds: float):
+        def call() -> None:
+            clock["now"] += seconds
+
+        return call
+
+    timing = measure(
+        {"a": takes(0.375), "b": takes(0.125)}, repeats=2, warmup=0, device=torch.device("cpu"), min_seconds=min_seconds
+    )
+    assert timing["a"].rounds == timing["b"].rounds == rounds  # a round of both paths takes 0.5 s
+    assert (timing["a"].seconds, timing["b"].seconds) == (0.375, 0.125)
