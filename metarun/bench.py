@@ -193,23 +193,16 @@ def measure(
     """Median seconds per call of each path, the paths interleaved round by round (order alternating).
 
     ``warm``: a cheaper call per path for the warm-up, with the same shapes (a few of 600 episodes).
-    Peak memory is taken on one more warm-up call. Measuring it hands the freed heap back to the OS
-    first, so one untimed round follows the last of them: a timed call would otherwise fault all its
-    memory in again, a cost a training run pays once, not every step.
+    Peak memory is taken on one more call after the timed ones: measuring it hands the freed heap
+    back to the OS first, and a timed call after that would fault all its memory in again, a cost a
+    training run pays once, not every step.
 
     At least ``repeats`` rounds are timed, and more (up to ``MAX_ROUNDS``) until the rounds add up to
     ``min_seconds``: a median of 3 calls of a 0.1 s step swung a ratio by 10% from run to run.
     """
-    peaks = {}
     for name, fn in paths.items():
-        call = (warm or {}).get(name, fn)
         for _ in range(warmup):
-            call()
-        with PeakMemory(device) as mem:
-            call()
-        peaks[name] = mem.mb
-    for name, fn in paths.items():
-        (warm or {}).get(name, fn)()
+            (warm or {}).get(name, fn)()
     times: dict[str, list[float]] = {k: [] for k in paths}
     names = list(paths)
     rounds, r = repeats, 0
@@ -224,6 +217,11 @@ def measure(
             spent = sum(t[0] for t in times.values())
             rounds = max(repeats, min(MAX_ROUNDS, math.ceil(min_seconds / spent))) if spent > 0 else repeats
         r += 1
+    peaks = {}
+    for name, fn in paths.items():
+        with PeakMemory(device) as mem:
+            (warm or {}).get(name, fn)()
+        peaks[name] = mem.mb
     return {k: Timing(statistics.median(v), peaks[k], len(v)) for k, v in times.items()}
 
 
