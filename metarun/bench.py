@@ -635,7 +635,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help=f"more rounds (up to {MAX_ROUNDS}) until a figure's timed calls add up to this (default: 6, quick: 1)",
     )
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: at least one round is timed")
+    if args.min_seconds is not None and args.min_seconds < 0:
+        ap.error(f"--min-seconds {args.min_seconds}: must be >= 0")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,3 +66,11 @@ def test_cheap_calls_are_timed_for_more_rounds_until_they_add_up_to_min_seconds(
     )
     assert timing["a"].rounds == timing["b"].rounds == rounds  # a round of both paths takes 0.5 s
     assert (timing["a"].seconds, timing["b"].seconds) == (0.375, 0.125)
+
+
+@pytest.mark.parametrize("args", [["--repeats", "0"], ["--repeats", "-2"], ["--min-seconds", "-1"]])
+def test_bad_round_counts_are_refused_in_one_line(args, tmp_path):
+    done = run_cli("bench", "--quick", "--only", "sampler", "--out", str(tmp_path), *args)
+    assert done.returncode == 2
+    assert args[0] in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "bench.json").exists()
