@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from metarun import bench_reference as ref
 from metarun.allocator import keep_freed_memory
+from metarun.config import EvalConfig
 from metarun.data.episodes import EpisodeSampler, fixed_episodes
 from metarun.data.split import FewShotDataset, Split
 from metarun.device import autocast, compile_step, resolve_device, synchronize
@@ -51,6 +52,7 @@ from metarun.factory import build_algorithm, build_optimizer, build_sampler
 
 GRADIENT_BASED = ("maml", "fomaml", "anil", "metasgd", "reptile")
 SAMPLER_ROUNDS = 20  # meta-batches sampled per timed call
+EVAL_BATCH_TASKS = EvalConfig().batch_tasks  # episodes an evaluation call scores, as `metarun eval` does
 MAX_ROUNDS = 25  # timed rounds per figure, at most
 ALGORITHMS = (*GRADIENT_BASED, "protonet", "finetune")
 
@@ -200,27 +202,29 @@ def measure(
     At least ``repeats`` rounds are timed, and more (up to ``MAX_ROUNDS``) until the rounds add up to
     ``min_seconds``: a median of 3 calls of a 0.1 s step swung a ratio by 10% from run to run.
     """
-    for name, fn in paths.items():
+    untimed = {name: (warm or {}).get(name, fn) for name, fn in paths.items()}
+    for call in untimed.values():
         for _ in range(warmup):
-            (warm or {}).get(name, fn)()
+            call()
     times: dict[str, list[float]] = {k: [] for k in paths}
-    names = list(paths)
-    rounds, r = repeats, 0
-    while r < rounds:
-        for name in names if r % 2 == 0 else names[::-1]:
+
+    def timed_round(r: int) -> None:
+        for name in list(paths) if r % 2 == 0 else list(paths)[::-1]:
             synchronize(device)
             t0 = time.perf_counter()
             paths[name]()
             synchronize(device)
             times[name].append(time.perf_counter() - t0)
-        if r == 0:  # the first round tells how many fit in min_seconds
-            spent = sum(t[0] for t in times.values())
-            rounds = max(repeats, min(MAX_ROUNDS, math.ceil(min_seconds / spent))) if spent > 0 else repeats
-        r += 1
+
+    timed_round(0)  # tells how many rounds fit in min_seconds
+    spent = sum(t[0] for t in times.values())
+    rounds = max(repeats, min(MAX_ROUNDS, math.ceil(min_seconds / spent))) if spent > 0 else repeats
+    for r in range(1, rounds):
+        timed_round(r)
     peaks = {}
-    for name, fn in paths.items():
+    for name, call in untimed.items():
         with PeakMemory(device) as mem:
-            (warm or {}).get(name, fn)()
+            call()
         peaks[name] = mem.mb
     return {k: Timing(statistics.median(v), peaks[k], len(v)) for k, v in times.items()}
 
@@ -660,8 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     repeats = args.repeats or (2 if quick else 3)
     min_seconds = args.min_seconds if args.min_seconds is not None else (1.0 if quick else 6.0)
-    # quick: one evaluation call of batch_tasks episodes (Reptile's 50 inner steps an episode took half the run at 32)
-    bench = Bench(device, repeats, 1, 16 if quick else 600, console, min_seconds)
+    # quick: one evaluation call (Reptile's 50 inner steps an episode took half the run at 32 episodes)
+    bench = Bench(device, repeats, 1, EVAL_BATCH_TASKS if quick else 600, console, min_seconds)
     shapes = dict(SHAPES)
     if quick:  # fewer tasks per meta-step where tasks are large; the MAML paper's small tasks keep the targets' 32
         shapes = {
@@ -682,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         for shape in shapes.values():
             if name in GRADIENT_BASED or shape.queries == 15 and shape.shots == 1:
                 bench.bench_train(name, shape, settings)
-        bench.bench_eval(name, shapes[OMNIGLOT.name], settings, batch_tasks=16)
+        bench.bench_eval(name, shapes[OMNIGLOT.name], settings, batch_tasks=EVAL_BATCH_TASKS)
     if "sampler" in wanted and "protonet" in wanted:
         for name in bench.protonet_step:
             bench.bench_sampler_share(shapes[name])
