@@ -84,15 +84,16 @@ SHAPES = {
 
 @dataclass(frozen=True)
 class Settings:
-    """The trainer settings of a fast path (``trainer.channels_last``, ``trainer.precision``, ``trainer.compile``)."""
+    """The trainer settings of a fast path (``trainer.channels_last``, ``.precision``, ``.compile``, ``.fused_sampling``)."""
 
     channels_last: bool = False
     precision: str = "fp32"
     compile: bool = False
+    fused_sampling: bool = False
 
     def describe(self) -> str:
-        parts = [self.precision] + ["channels_last"] * self.channels_last + ["compile"] * self.compile
-        return "+".join(parts)
+        flags = ("channels_last", "compile", "fused_sampling")
+        return "+".join([self.precision] + [flag for flag in flags if getattr(self, flag)])
 
 
 def recommended(name: str, device: torch.device) -> Settings:
@@ -102,11 +103,10 @@ def recommended(name: str, device: torch.device) -> Settings:
     double backward, ReLU) on Conv4's 28x28 activations, which is most of a gradient-based meta-step.
     channels_last pays where the convolutions' weights are shared by all tasks (ProtoNet, finetune,
     ANIL's backbone); on the grouped per-task convolutions of MAML and its kin it cost 12-19%
-    (``metarun bench --quick``, 2 cores).
+    (``metarun bench --quick``, 2 cores). Fused sampling applies where the data live on a CPU.
     """
-    if device.type == "cuda" or name in ("protonet", "finetune", "anil"):
-        return Settings(channels_last=True, precision="bf16")
-    return Settings(precision="bf16")
+    channels_last = device.type == "cuda" or name in ("protonet", "finetune", "anil")
+    return Settings(channels_last=channels_last, precision="bf16", fused_sampling=device.type == "cpu")
 
 
 # -- targets: (operator, threshold) on the ratio ------------------------------------------------
@@ -335,7 +335,15 @@ class Bench:
     def sampler(self, shape: Shape, split: str, settings: Settings, queries: int | None = None) -> EpisodeSampler:
         q = shape.queries if queries is None else queries
         return build_sampler(
-            self.dataset(shape), split, shape.ways, shape.shots, q, 0, self.device, channels_last=settings.channels_last
+            self.dataset(shape),
+            split,
+            shape.ways,
+            shape.shots,
+            q,
+            0,
+            self.device,
+            channels_last=settings.channels_last,
+            fused=settings.fused_sampling,
         )
 
     def add(self, row: Row) -> None:
@@ -349,7 +357,7 @@ class Bench:
     # -- the episode engine -----------------------------------------------------------------
     def bench_sampler(self, shape: Shape) -> None:
         split, ds = self.dataset(shape).splits["train"], self.dataset(shape)
-        engine = self.sampler(shape, "train", Settings())
+        engine = self.sampler(shape, "train", Settings(fused_sampling=self.device.type == "cpu"))
         t = shape.meta_batch
 
         def loader(workers: int) -> ref.DataLoaderEpisodes:
@@ -395,7 +403,7 @@ class Bench:
                 t / slow.seconds,
                 fast,
                 slow,
-                f"device={self.device.type}",
+                f"device={self.device.type}" + (", fused" if engine.fused else ""),
             )
         )
         self.sample_seconds[shape.name] = fast

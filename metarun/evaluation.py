@@ -268,6 +268,7 @@ def run_evaluation(
     bn_mode = resolve_bn_mode(algorithm, eval_cfg.bn_mode)
     precision = eval_precision(eval_cfg, cfg.get("trainer"))
     channels_last = bool(cfg.get("trainer", {}).get("channels_last", False))
+    fused = bool(cfg.get("trainer", {}).get("fused_sampling", False))
     if channels_last:
         algorithm = algorithm.to(memory_format=torch.channels_last)
     console = console or Console()
@@ -281,7 +282,7 @@ def run_evaluation(
 
         def make_sampler(ways, shots, queries):
             return build_sampler(
-                dataset, eval_cfg.split, ways, shots, queries, seed=0, device=device, channels_last=channels_last
+                dataset, eval_cfg.split, ways, shots, queries, seed=0, device=device, channels_last=channels_last, fused=fused
             )
 
         results = evaluate_settings(

@@ -55,6 +55,7 @@ def build_sampler(
     augment: bool = False,
     channels_last: bool = False,
     data_device: torch.device | None = None,
+    fused: bool = False,
 ) -> EpisodeSampler:
     """Episodes for a run on ``device``, sampled where the split lives (``data_device``, default ``device``)."""
     if hasattr(dataset, "sampler"):  # datasets that generate their tasks (e.g. regression toys)
@@ -77,6 +78,7 @@ def build_sampler(
         transform=transform,
         channels_last=channels_last,
         output_device=device,
+        fused=fused,
     )
 
 

@@ -88,11 +88,12 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
     if tr.channels_last:
         algorithm = algorithm.to(memory_format=torch.channels_last)
     bn_mode = resolve_bn_mode(algorithm, cfg.eval.bn_mode)
+    augment, fused = cfg.dataset.get("augment", False), tr.get("fused_sampling", False)  # (runs saved before the key)
     train_sampler = build_sampler(
-        dataset, "train", t.ways, t.shots, t.queries, tr.seed, device, cfg.dataset.get("augment", False), tr.channels_last, where
+        dataset, "train", t.ways, t.shots, t.queries, tr.seed, device, augment, tr.channels_last, where, fused
     )
     val_sampler = build_sampler(
-        dataset, "val", t.ways, t.shots, cfg.eval.queries, tr.seed, device, channels_last=tr.channels_last, data_device=where
+        dataset, "val", t.ways, t.shots, cfg.eval.queries, tr.seed, device, False, tr.channels_last, where, fused
     )
     optimizer = build_optimizer(algorithm, tr.optimizer, tr.lr, tr.weight_decay)
     scheduler = build_scheduler(optimizer, tr.schedule, tr.steps)

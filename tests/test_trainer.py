@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from metarun.checkpoint import load_checkpoint
+from metarun.data.episodes import FusedGather
 from metarun.factory import build_sampler
 from metarun.loggers.jsonl import TIMING_FIELDS, read_metrics
 from metarun.trainer import train
@@ -93,6 +94,19 @@ def test_channels_last_changes_the_layout_not_the_result(tmp_path, compose_confi
     plain, _ = speed_run(tmp_path / "plain", compose_config, overrides)
     fast, _ = speed_run(tmp_path / "fast", compose_config, [*overrides, "trainer.channels_last=true"])
     assert [r["loss"] for r in plain if "loss" in r] == pytest.approx([r["loss"] for r in fast if "loss" in r], rel=1e-4)
+
+
+def test_fused_sampling_changes_the_speed_not_the_result(monkeypatch, tmp_path, compose_config, tiny):
+    overrides = [*tiny, "device=cpu", "trainer.steps=2"]
+    fused_calls = []
+    gather = FusedGather()
+    monkeypatch.setattr("metarun.data.episodes.fused_gather", lambda *args: fused_calls.append(1) or gather(*args))
+    plain, plain_accuracy = speed_run(tmp_path / "plain", compose_config, overrides)
+    assert not fused_calls
+    fused, fused_accuracy = speed_run(tmp_path / "fused", compose_config, [*overrides, "trainer.fused_sampling=true"])
+    assert fused_calls and not gather.failed
+    assert [r["loss"] for r in plain if "loss" in r] == pytest.approx([r["loss"] for r in fused if "loss" in r], rel=1e-5)
+    assert fused_accuracy == pytest.approx(plain_accuracy, abs=1e-6)
 
 
 @pytest.mark.slow

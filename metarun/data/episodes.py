@@ -13,6 +13,7 @@ one process would.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,6 +84,46 @@ MIN_STD = 1e-3  # in [0, 1] pixel units: a quarter of one grey level
 CHUNK_BYTES = 8 << 20  # of float output per gather-and-normalise pass on a CPU (a part of a typical L3)
 
 
+def gather_normalise(
+    pool: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, channels_last: bool
+) -> torch.Tensor:
+    """Images ``index`` of ``pool`` as normalised floats: what :class:`FusedGather` compiles into one pass."""
+    x = pool.index_select(0, index).float() * scale + shift
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class FusedGather:
+    """:func:`gather_normalise` compiled into one loop that reads each byte and writes each float once.
+
+    Eagerly, the gather, the conversion to float and the normalisation are separate passes over the
+    output; on 2 CPU cores a miniImageNet meta-batch (27 MB of floats) took 1.6-2.0 ms in 8 MB chunks
+    and 0.6-1.1 ms compiled, with identical values. Compiling costs 1.5-3 s once per process (symbolic
+    shapes: one kernel serves every episode size). Where compiling fails (no C++ compiler, a Python
+    that dynamo does not support), the sampler warns once and stays eager.
+    """
+
+    def __init__(self) -> None:
+        self.compiled: Callable[..., torch.Tensor] | None = None
+        self.failed = False
+
+    def __call__(self, *args) -> torch.Tensor | None:
+        """The gathered images, or None once compiling has failed in this process."""
+        if self.failed:
+            return None
+        if self.compiled is None:
+            self.compiled = torch.compile(gather_normalise, dynamic=True)
+        try:
+            return self.compiled(*args)
+        except Exception as e:  # compiler, dynamo or inductor errors: any of them means "use the eager passes"
+            self.failed = True
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"fused episode sampling unavailable, sampling eagerly ({type(e).__name__}: {reason})", stacklevel=2)
+            return None
+
+
+fused_gather = FusedGather()
+
+
 class EpisodeSampler:
     """Seeded episodes from one split, produced on ``device``.
 
@@ -90,7 +131,9 @@ class EpisodeSampler:
     (augmentation); normalisation by ``mean``/``std`` always follows it.
     ``output_device``, when it differs from ``device``, is where finished
     episodes are sent: a GPU run whose split did not fit in GPU memory samples
-    on the CPU and moves only the episodes.
+    on the CPU and moves only the episodes. ``fused`` (``trainer.fused_sampling``)
+    samples through :data:`fused_gather` where the split lives on a CPU; on a GPU
+    the passes stay eager, a few kernel launches a meta-batch.
     """
 
     def __init__(
@@ -107,6 +150,7 @@ class EpisodeSampler:
         transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
         channels_last: bool = False,
         output_device: torch.device | str | None = None,
+        fused: bool = False,
     ) -> None:
         check_episode(split, ways, shots, queries, split_name)
         self.device = torch.device(device)
@@ -122,6 +166,7 @@ class EpisodeSampler:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.transform = transform
         self.channels_last = channels_last
+        self.fused = fused and self.device.type == "cpu"
 
     # -- indices -------------------------------------------------------------
     def sample_indices(self, num_tasks: int, generator: torch.Generator | None = None) -> EpisodeIndices:
@@ -161,9 +206,13 @@ class EpisodeSampler:
         Without a transform, a CPU gathers, converts and normalises ``CHUNK_BYTES`` of output at a
         time: the three passes over each chunk then run in cache instead of in memory, 1.8x faster on
         a miniImageNet meta-batch (27 MB of floats) on 2 cores and the same on an Omniglot one, which
-        fits in one chunk. A GPU does it in one go.
+        fits in one chunk. A GPU does it in one go. Fused, it is one compiled pass.
         """
         pool = self.split.images.flatten(0, 1)
+        if self.fused and self.transform is None:
+            x = fused_gather(pool, index, self.scale, self.shift, self.channels_last)
+            if x is not None:
+                return x
         if self.transform is not None:
             x = pool.index_select(0, index)
             x = self.transform(x.float().div_(255.0), self.generator).sub_(self.mean).mul_(self.inv_std)

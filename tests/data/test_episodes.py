@@ -1,9 +1,11 @@
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metarun.data.episodes import EpisodeSampler, check_episode, fixed_episodes
+from metarun.data.episodes import EpisodeSampler, FusedGather, check_episode, fixed_episodes, fused_gather
 from metarun.data.split import FewShotDataset, Split, stack_classes
 from metarun.errors import ConfigError
 from metarun.factory import build_sampler
@@ -135,14 +137,20 @@ def test_a_constant_channel_is_centred_not_divided_by_zero():
     assert torch.isfinite(episode.support_x).all() and torch.isfinite(episode.query_x).all()
 
 
+def random_split(channels: int, classes: int = 12, per_class: int = 10, size: int = 4) -> Split:
+    g = torch.Generator().manual_seed(channels)
+    images = torch.randint(0, 256, (classes, per_class, channels, size, size), dtype=torch.uint8, generator=g)
+    return Split(images, [f"c{i}" for i in range(classes)])
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("chunk_images", [1, 3, 1000])  # CHUNK_BYTES in images of 2x4x4 floats
-def test_chunked_gather_equals_per_image_normalisation(monkeypatch, channels_last, chunk_images):
+@pytest.mark.parametrize("path", ["chunks of 1", "chunks of 3", "one chunk", "fused"])
+def test_gathered_images_equal_per_image_normalisation(monkeypatch, channels_last, path):
+    chunk_images = {"chunks of 1": 1, "chunks of 3": 3}.get(path, 1000)  # CHUNK_BYTES in images of 2x4x4 floats
     monkeypatch.setattr("metarun.data.episodes.CHUNK_BYTES", chunk_images * 2 * 4 * 4 * 4)
-    g = torch.Generator().manual_seed(0)
-    split = Split(torch.randint(0, 256, (12, 10, 2, 4, 4), dtype=torch.uint8, generator=g), [f"c{i}" for i in range(12)])
+    split = random_split(2)
     mean, std = (0.3, 0.6), (0.2, 0.4)
-    sampler = EpisodeSampler(split, 5, 2, 3, mean, std, seed=1, channels_last=channels_last)
+    sampler = EpisodeSampler(split, 5, 2, 3, mean, std, seed=1, channels_last=channels_last, fused=path == "fused")
     idx = sampler.sample_indices(4)
     ep = sampler.gather(idx)
     m, s = torch.tensor(mean).view(2, 1, 1), torch.tensor(std).view(2, 1, 1)
@@ -153,3 +161,44 @@ def test_chunked_gather_equals_per_image_normalisation(monkeypatch, channels_las
             torch.testing.assert_close(ep.support_x[t, w * 2 : w * 2 + 2], expected[:2])
             torch.testing.assert_close(ep.query_x[t, w * 3 : w * 3 + 3], expected[2:])
     assert ep.support_x.flatten(0, 1).is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert not fused_gather.failed
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fused_sampling_takes_the_eager_samples_at_any_size(channels):
+    """One compiled kernel (symbolic shapes) serves meta-batches and image batches of every size."""
+    mean, std = (0.5,) * channels, (0.25,) * channels
+    eager = EpisodeSampler(random_split(channels, size=6), 5, 1, 3, mean, std, seed=3)
+    fused = EpisodeSampler(random_split(channels, size=6), 5, 1, 3, mean, std, seed=3, fused=True)
+    for tasks in (4, 3, 1):
+        a, b = eager.sample(tasks), fused.sample(tasks)
+        torch.testing.assert_close(b.support_x, a.support_x)
+        torch.testing.assert_close(b.query_x, a.query_x)
+        assert torch.equal(b.support_y, a.support_y) and torch.equal(b.query_y, a.query_y)
+    a, b = eager.sample_images(7), fused.sample_images(7)
+    torch.testing.assert_close(b.x, a.x)
+    assert torch.equal(b.y, a.y)
+    assert fused_gather.compiled is not None and not fused_gather.failed
+
+
+def test_fused_sampling_warns_once_and_samples_eagerly_where_compiling_fails(monkeypatch):
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            calls.append(args)
+            raise RuntimeError("no C++ compiler found\nsecond line")
+
+        return compiled
+
+    monkeypatch.setattr("metarun.data.episodes.fused_gather", FusedGather())
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    eager = EpisodeSampler(random_split(2), 5, 1, 3, (0.5, 0.5), (0.25, 0.25), seed=0)
+    fused = EpisodeSampler(random_split(2), 5, 1, 3, (0.5, 0.5), (0.25, 0.25), seed=0, fused=True)
+    with pytest.warns(UserWarning, match=r"sampling eagerly \(RuntimeError: no C\+\+ compiler found\)$"):
+        b = fused.sample(2)
+    torch.testing.assert_close(b.query_x, eager.sample(2).query_x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused.sample(2)
+    assert len(calls) == 1  # not tried again
