@@ -346,6 +346,14 @@ class Bench:
             fused=settings.fused_sampling,
         )
 
+    @property
+    def sampler_fused(self) -> bool:
+        return self.device.type == "cpu"  # where trainer.fused_sampling applies
+
+    @property
+    def sampler_note(self) -> str:
+        return f"device={self.device.type}" + (", fused" if self.sampler_fused else "")
+
     def add(self, row: Row) -> None:
         self.rows.append(row)
         note = f"  {row.gflop_per_s:.1f} GFLOP/s" if row.gflop_per_s else ""
@@ -357,7 +365,7 @@ class Bench:
     # -- the episode engine -----------------------------------------------------------------
     def bench_sampler(self, shape: Shape) -> None:
         split, ds = self.dataset(shape).splits["train"], self.dataset(shape)
-        engine = self.sampler(shape, "train", Settings(fused_sampling=self.device.type == "cpu"))
+        engine = self.sampler(shape, "train", Settings(fused_sampling=self.sampler_fused))
         t = shape.meta_batch
 
         def loader(workers: int) -> ref.DataLoaderEpisodes:
@@ -403,7 +411,7 @@ class Bench:
                 t / slow.seconds,
                 fast,
                 slow,
-                f"device={self.device.type}" + (", fused" if engine.fused else ""),
+                self.sampler_note,
             )
         )
         self.sample_seconds[shape.name] = fast
@@ -421,7 +429,7 @@ class Bench:
                 step.seconds,
                 fast,
                 step,
-                f"device={self.device.type}",
+                self.sampler_note,
             )
         )
 
