@@ -244,7 +244,7 @@ class TrainerConfig:
     #: torch.compile of the meta-step (static shapes); refused for second-order MAML and Meta-SGD
     compile: bool = False
     channels_last: bool = False
-    #: gather and normalise episodes in one compiled pass where the data live on a CPU (about 3 s more at start)
+    #: gather and normalise episodes in one compiled pass where the data live on a CPU, unaugmented (+3 s at start)
     fused_sampling: bool = False
     #: stop | skip: what a NaN or infinite loss does (stop: the run ends, its last good checkpoint kept)
     nan_policy: str = choice("stop", "skip")
