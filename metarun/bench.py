@@ -324,7 +324,7 @@ class Bench:
         self.datasets: dict[tuple, FewShotDataset] = {}
         self.rows: list[Row] = []
         self.protonet_step: dict[str, Timing] = {}
-        self.sample_seconds: dict[str, Timing] = {}
+        self.sample_seconds: dict[str, tuple[Timing, str]] = {}  # and the sampler's settings
 
     def dataset(self, shape: Shape) -> FewShotDataset:
         key = (shape.image, shape.train_classes, shape.images_per_class)
@@ -346,14 +346,6 @@ class Bench:
             fused=settings.fused_sampling,
         )
 
-    @property
-    def sampler_fused(self) -> bool:
-        return self.device.type == "cpu"  # where trainer.fused_sampling applies
-
-    @property
-    def sampler_note(self) -> str:
-        return f"device={self.device.type}" + (", fused" if self.sampler_fused else "")
-
     def add(self, row: Row) -> None:
         self.rows.append(row)
         note = f"  {row.gflop_per_s:.1f} GFLOP/s" if row.gflop_per_s else ""
@@ -365,7 +357,7 @@ class Bench:
     # -- the episode engine -----------------------------------------------------------------
     def bench_sampler(self, shape: Shape) -> None:
         split, ds = self.dataset(shape).splits["train"], self.dataset(shape)
-        engine = self.sampler(shape, "train", Settings(fused_sampling=self.sampler_fused))
+        engine = self.sampler(shape, "train", Settings(fused_sampling=True))  # where it applies (engine.fused)
         t = shape.meta_batch
 
         def loader(workers: int) -> ref.DataLoaderEpisodes:
@@ -401,6 +393,7 @@ class Bench:
         timing = {k: replace(v, seconds=v.seconds / SAMPLER_ROUNDS) for k, v in timing.items()}  # per meta-batch
         best = min((k for k in timing if k != "engine"), key=lambda k: timing[k].seconds)
         fast, slow = timing["engine"], timing[best]
+        note = f"device={self.device.type}" + (", fused" if engine.fused else "")
         self.add(
             make_row(
                 "sampler",
@@ -411,14 +404,14 @@ class Bench:
                 t / slow.seconds,
                 fast,
                 slow,
-                self.sampler_note,
+                note,
             )
         )
-        self.sample_seconds[shape.name] = fast
+        self.sample_seconds[shape.name] = (fast, note)
 
     def bench_sampler_share(self, shape: Shape) -> None:
         """Sampling a meta-batch as a fraction of the ProtoNet meta-step that consumes it (both timed above)."""
-        fast, step = self.sample_seconds[shape.name], self.protonet_step[shape.name]
+        (fast, note), step = self.sample_seconds[shape.name], self.protonet_step[shape.name]
         self.add(
             make_row(
                 "sampler",
@@ -429,7 +422,7 @@ class Bench:
                 step.seconds,
                 fast,
                 step,
-                self.sampler_note,
+                note,
             )
         )
 

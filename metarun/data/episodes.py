@@ -132,8 +132,9 @@ class EpisodeSampler:
     ``output_device``, when it differs from ``device``, is where finished
     episodes are sent: a GPU run whose split did not fit in GPU memory samples
     on the CPU and moves only the episodes. ``fused`` (``trainer.fused_sampling``)
-    samples through :data:`fused_gather` where the split lives on a CPU; on a GPU
-    the passes stay eager, a few kernel launches a meta-batch.
+    samples through :data:`fused_gather` where the split lives on a CPU and there
+    is no ``transform``; on a GPU the passes stay eager, a few kernel launches a
+    meta-batch. The attribute says whether it applies.
     """
 
     def __init__(
@@ -166,7 +167,7 @@ class EpisodeSampler:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.transform = transform
         self.channels_last = channels_last
-        self.fused = fused and self.device.type == "cpu"
+        self.fused = fused and self.device.type == "cpu" and transform is None
 
     # -- indices -------------------------------------------------------------
     def sample_indices(self, num_tasks: int, generator: torch.Generator | None = None) -> EpisodeIndices:
@@ -209,7 +210,7 @@ class EpisodeSampler:
         fits in one chunk. A GPU does it in one go. Fused, it is one compiled pass.
         """
         pool = self.split.images.flatten(0, 1)
-        if self.fused and self.transform is None:
+        if self.fused:
             x = fused_gather(pool, index, self.scale, self.shift, self.channels_last)
             if x is not None:
                 return x

@@ -181,6 +181,17 @@ def test_fused_sampling_takes_the_eager_samples_at_any_size(channels):
     assert fused_gather.compiled is not None and not fused_gather.failed
 
 
+def test_augmented_episodes_are_sampled_eagerly_even_when_fused_is_asked_for():
+    """Augmentation runs between the conversion and the normalisation, so there is no one pass to compile."""
+    from metarun.data.augment import augment_batch
+
+    split = random_split(1, size=6)
+    plain = EpisodeSampler(split, 5, 1, 3, (0.5,), (0.25,), seed=2, transform=augment_batch)
+    asked = EpisodeSampler(split, 5, 1, 3, (0.5,), (0.25,), seed=2, transform=augment_batch, fused=True)
+    assert not asked.fused and EpisodeSampler(split, 5, 1, 3, (0.5,), (0.25,), seed=2, fused=True).fused
+    assert torch.equal(asked.sample(2).query_x, plain.sample(2).query_x)
+
+
 def test_fused_sampling_warns_once_and_samples_eagerly_where_compiling_fails(monkeypatch):
     calls = []
 
