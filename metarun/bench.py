@@ -344,6 +344,7 @@ class Bench:
             self.device,
             channels_last=settings.channels_last,
             fused=settings.fused_sampling,
+            precision=settings.precision,
         )
 
     def add(self, row: Row) -> None:
@@ -357,7 +358,8 @@ class Bench:
     # -- the episode engine -----------------------------------------------------------------
     def bench_sampler(self, shape: Shape) -> None:
         split, ds = self.dataset(shape).splits["train"], self.dataset(shape)
-        engine = self.sampler(shape, "train", Settings(fused_sampling=True))  # where it applies (engine.fused)
+        settings = recommended("sampler", self.device)  # images in the precision the steps take them in
+        engine = self.sampler(shape, "train", settings)
         t = shape.meta_batch
 
         def loader(workers: int) -> ref.DataLoaderEpisodes:
@@ -393,7 +395,7 @@ class Bench:
         timing = {k: replace(v, seconds=v.seconds / SAMPLER_ROUNDS) for k, v in timing.items()}  # per meta-batch
         best = min((k for k in timing if k != "engine"), key=lambda k: timing[k].seconds)
         fast, slow = timing["engine"], timing[best]
-        note = f"device={self.device.type}" + (", fused" if engine.fused else "")
+        note = f"device={self.device.type}, {settings.precision}" + (", fused" if engine.fused else "")  # (where it applies)
         self.add(
             make_row(
                 "sampler",

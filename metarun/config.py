@@ -239,7 +239,7 @@ class TrainerConfig:
     val_episodes: int = at_least(1, 200)
     log_every: int = at_least(1, 50)
     seed: int = 0
-    #: fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
+    #: fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler); episodes are sampled in it
     precision: str = choice("fp32", "bf16", "fp16")
     #: torch.compile of the meta-step (static shapes); refused for second-order MAML and Meta-SGD
     compile: bool = False

@@ -29,6 +29,13 @@ def resolve_device(kind: str) -> torch.device:
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def input_dtype(precision: str) -> torch.dtype:
+    """The dtype autocast casts a model's input to under ``precision`` (float32 for ``fp32``)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision}: valid values are {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision] or torch.float32
+
+
 def autocast(device: torch.device, precision: str):
     """Autocast for ``bf16``/``fp16`` on any device type that supports it; a no-op for ``fp32``."""
     if precision not in PRECISIONS:

@@ -282,8 +282,9 @@ def run_evaluation(
 
         def make_sampler(ways, shots, queries):
             return build_sampler(
-                dataset, eval_cfg.split, ways, shots, queries, seed=0, device=device, channels_last=channels_last, fused=fused
-            )
+                dataset, eval_cfg.split, ways, shots, queries, 0, device, channels_last=channels_last, fused=fused,
+                precision=precision,
+            )  # fmt: skip
 
         results = evaluate_settings(
             algorithm,

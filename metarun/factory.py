@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from metarun.algorithms.base import Algorithm
 from metarun.data.episodes import EpisodeSampler
 from metarun.data.split import FewShotDataset
+from metarun.device import input_dtype
 from metarun.errors import ConfigError
 
 #: dataset keys that belong to the episode engine, not to the loader
@@ -56,8 +57,10 @@ def build_sampler(
     channels_last: bool = False,
     data_device: torch.device | None = None,
     fused: bool = False,
+    precision: str = "fp32",
 ) -> EpisodeSampler:
-    """Episodes for a run on ``device``, sampled where the split lives (``data_device``, default ``device``)."""
+    """Episodes for a run on ``device``, sampled where the split lives (``data_device``, default ``device``), with
+    images in the dtype the run's ``precision`` (autocast) computes its first layer in."""
     if hasattr(dataset, "sampler"):  # datasets that generate their tasks (e.g. regression toys)
         return dataset.sampler(split, ways=ways, shots=shots, queries=queries, seed=seed, device=device)
     transform = None
@@ -79,6 +82,7 @@ def build_sampler(
         channels_last=channels_last,
         output_device=device,
         fused=fused,
+        dtype=input_dtype(precision),
     )
 
 

@@ -90,11 +90,12 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
     bn_mode = resolve_bn_mode(algorithm, cfg.eval.bn_mode)
     augment, fused = cfg.dataset.get("augment", False), tr.get("fused_sampling", False)  # (runs saved before the key)
     train_sampler = build_sampler(
-        dataset, "train", t.ways, t.shots, t.queries, tr.seed, device, augment, tr.channels_last, where, fused
+        dataset, "train", t.ways, t.shots, t.queries, tr.seed, device, augment, tr.channels_last, where, fused, tr.precision
     )
     val_sampler = build_sampler(
-        dataset, "val", t.ways, t.shots, cfg.eval.queries, tr.seed, device, False, tr.channels_last, where, fused
-    )
+        dataset, "val", t.ways, t.shots, cfg.eval.queries, tr.seed, device, False, tr.channels_last, where, fused,
+        eval_precision(cfg.eval, tr),
+    )  # fmt: skip
     optimizer = build_optimizer(algorithm, tr.optimizer, tr.lr, tr.weight_decay)
     scheduler = build_scheduler(optimizer, tr.schedule, tr.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=tr.precision == "fp16")

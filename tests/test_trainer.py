@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from metarun.checkpoint import load_checkpoint
-from metarun.data.episodes import FusedGather
+from metarun.data.episodes import EpisodeSampler, FusedGather
 from metarun.factory import build_sampler
 from metarun.loggers.jsonl import TIMING_FIELDS, read_metrics
 from metarun.trainer import train
@@ -107,6 +107,23 @@ def test_fused_sampling_changes_the_speed_not_the_result(monkeypatch, tmp_path, 
     assert fused_calls and not gather.failed
     assert [r["loss"] for r in plain if "loss" in r] == pytest.approx([r["loss"] for r in fused if "loss" in r], rel=1e-5)
     assert fused_accuracy == pytest.approx(plain_accuracy, abs=1e-6)
+
+
+@pytest.mark.parametrize("algo", ["protonet", "maml"])
+def test_a_bf16_run_samples_bf16_images_with_the_values_autocast_would_give(monkeypatch, tmp_path, compose_config, tiny, algo):
+    """The first layer's autocast rounds float images to bf16; sampled in bf16, they arrive rounded alike."""
+    overrides = [*tiny, "device=cpu", "trainer.steps=2", f"algo={algo}", "trainer.precision=bf16"]
+    seen = []
+    gather = EpisodeSampler.gather
+    monkeypatch.setattr(EpisodeSampler, "gather", lambda self, idx: seen.append(self.dtype) or gather(self, idx))
+    bf16, bf16_accuracy = speed_run(tmp_path / "bf16", compose_config, overrides)
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    monkeypatch.setattr("metarun.factory.input_dtype", lambda precision: torch.float32)
+    floats, float_accuracy = speed_run(tmp_path / "float", compose_config, overrides)
+    assert seen and set(seen) == {torch.float32}
+    assert [r["loss"] for r in bf16 if "loss" in r] == [r["loss"] for r in floats if "loss" in r]
+    assert bf16_accuracy == float_accuracy
 
 
 @pytest.mark.slow

@@ -135,31 +135,46 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: nn.Conv2
 
 
 class _ConvOfImages(torch.autograd.Function):
-    """A grouped convolution of an input that needs no gradient, whose weight gradient is one batched
-    matrix product of the unfolded input with the output gradient.
+    """A grouped convolution of an input that needs no gradient, as one batched matrix product of each
+    task's weights with the unfolded input, and the weight gradient as one of the output gradient with it.
 
     On a CPU, oneDNN's grouped weight-gradient kernel runs Conv4's first layer (one input channel per
     task) at about 10 GFLOP/s: 7 ms a call for 16 tasks of 5 28x28 images, six calls in a second-order
-    MAML step. The backward is written in differentiable operations, so a second-order gradient
-    flows through it as through the native one.
+    MAML step. The forward as a product (the bias as a row of ones, so that the sum is rounded once)
+    reuses the unfolded input for the backward: a meta-step at 5-way 1-shot 1 query 1.02x (first
+    order) and 1.02-1.03x (second order) faster than the native forward with an unfold in the
+    backward. The backward is written in differentiable operations, so a second-order gradient flows
+    through it as through the native one.
     """
 
     @staticmethod
     def forward(ctx, x, w, b, stride, padding, dilation, groups):
-        ctx.save_for_backward(x)
-        ctx.geometry = (w.shape, stride, padding, dilation, groups)
-        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else w.dtype
+        n, (h, width) = (
+            x.shape[0],
+            (
+                (size + 2 * p - d * (k - 1) - 1) // s + 1
+                for size, k, s, p, d in zip(x.shape[2:], w.shape[2:], stride, padding, dilation, strict=True)
+            ),
+        )
+        cols = F.unfold(x.to(dtype), w.shape[2:], dilation, padding, stride).view(n, groups, -1, h * width)
+        weights = w.to(dtype).view(groups, -1, cols.shape[2])
+        if b is not None:
+            cols = torch.cat([cols, cols.new_ones(n, groups, 1, h * width)], 2)
+            weights = torch.cat([weights, b.to(dtype).view(groups, -1, 1)], 2)
+        ctx.save_for_backward(cols)
+        ctx.shape = w.shape
+        return torch.matmul(weights, cols).view(n, w.shape[0], h, width)
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        shape, stride, padding, dilation, groups = ctx.geometry
-        n, positions = grad.shape[0], grad.shape[2] * grad.shape[3]
-        cols = F.unfold(x.to(grad.dtype), shape[2:], dilation, padding, stride).view(n, groups, -1, positions)
-        gw = torch.matmul(grad.reshape(n, groups, -1, positions), cols.transpose(2, 3)).sum(0).view(shape)
-        # image by image first: a reduced-precision sum over dims that include a non-innermost one is run
-        # on a float copy of the whole gradient (a first-order MAML step was 1.03x faster without it)
-        gb = grad.sum((2, 3)).sum(0) if ctx.needs_input_grad[2] else None
+        (cols,) = ctx.saved_tensors
+        n, groups, taps = cols.shape[0], cols.shape[1], ctx.shape[2] * ctx.shape[3]
+        # [gw | gb] in one product where the bias row is there
+        product = torch.matmul(grad.reshape(n, groups, -1, grad.shape[2] * grad.shape[3]), cols.to(grad.dtype).transpose(2, 3))
+        product = product.sum(0)
+        gw = product[..., :taps].reshape(ctx.shape)
+        gb = product[..., taps].reshape(-1) if ctx.needs_input_grad[2] else None
         return None, gw, gb, None, None, None, None
 
 

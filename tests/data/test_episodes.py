@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from metarun.data.augment import augment_batch
 from metarun.data.episodes import EpisodeSampler, FusedGather, check_episode, fixed_episodes, fused_gather
 from metarun.data.split import FewShotDataset, Split, stack_classes
 from metarun.errors import ConfigError
@@ -143,21 +144,24 @@ def random_split(channels: int, classes: int = 12, per_class: int = 10, size: in
     return Split(images, [f"c{i}" for i in range(classes)])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("path", ["chunks of 1", "chunks of 3", "one chunk", "fused"])
-def test_gathered_images_equal_per_image_normalisation(monkeypatch, channels_last, path):
+def test_gathered_images_equal_per_image_normalisation(monkeypatch, channels_last, path, dtype):
     chunk_images = {"chunks of 1": 1, "chunks of 3": 3}.get(path, 1000)  # CHUNK_BYTES in images of 2x4x4 floats
     monkeypatch.setattr("metarun.data.episodes.CHUNK_BYTES", chunk_images * 2 * 4 * 4 * 4)
     split = random_split(2)
     mean, std = (0.3, 0.6), (0.2, 0.4)
-    sampler = EpisodeSampler(split, 5, 2, 3, mean, std, seed=1, channels_last=channels_last, fused=path == "fused")
+    fused = path == "fused"
+    sampler = EpisodeSampler(split, 5, 2, 3, mean, std, seed=1, channels_last=channels_last, fused=fused, dtype=dtype)
     idx = sampler.sample_indices(4)
     ep = sampler.gather(idx)
+    assert ep.support_x.dtype == ep.query_x.dtype == dtype
     m, s = torch.tensor(mean).view(2, 1, 1), torch.tensor(std).view(2, 1, 1)
     for t in range(4):
         for w in range(5):
             images = split.images[idx.classes[t, w], idx.images[t, w]].float() / 255  # [shots + queries, 2, 4, 4]
-            expected = (images - m) / s
+            expected = ((images - m) / s).to(dtype)
             torch.testing.assert_close(ep.support_x[t, w * 2 : w * 2 + 2], expected[:2])
             torch.testing.assert_close(ep.query_x[t, w * 3 : w * 3 + 3], expected[2:])
     assert ep.support_x.flatten(0, 1).is_contiguous(memory_format=torch.channels_last) == channels_last
@@ -181,10 +185,24 @@ def test_fused_sampling_takes_the_eager_samples_at_any_size(channels):
     assert fused_gather.compiled is not None and not fused_gather.failed
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["chunks", "fused", "augmented"])
+def test_reduced_precision_images_are_the_float_images_rounded_once(monkeypatch, dtype, path):
+    """What a bf16 or fp16 run's first layer would get from autocast's cast of the float images."""
+    monkeypatch.setattr("metarun.data.episodes.CHUNK_BYTES", 3 * 3 * 6 * 6 * 4)  # 3 images a chunk (eager)
+    split, mean, std = random_split(3, size=6), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    kwargs = {"fused": path == "fused", "transform": augment_batch if path == "augmented" else None}
+    floats = EpisodeSampler(split, 5, 1, 3, mean, std, seed=4, **kwargs)
+    rounded = EpisodeSampler(split, 5, 1, 3, mean, std, seed=4, dtype=dtype, **kwargs)
+    a, b = floats.sample(3), rounded.sample(3)
+    assert b.support_x.dtype == b.query_x.dtype == dtype
+    assert torch.equal(b.support_x, a.support_x.to(dtype)) and torch.equal(b.query_x, a.query_x.to(dtype))
+    a, b = floats.sample_images(5), rounded.sample_images(5)
+    assert torch.equal(b.x, a.x.to(dtype)) and torch.equal(b.y, a.y)
+
+
 def test_augmented_episodes_are_sampled_eagerly_even_when_fused_is_asked_for():
     """Augmentation runs between the conversion and the normalisation, so there is no one pass to compile."""
-    from metarun.data.augment import augment_batch
-
     split = random_split(1, size=6)
     plain = EpisodeSampler(split, 5, 1, 3, (0.5,), (0.25,), seed=2, transform=augment_batch)
     asked = EpisodeSampler(split, 5, 1, 3, (0.5,), (0.25,), seed=2, transform=augment_batch, fused=True)
