@@ -87,7 +87,9 @@ def grouped_forward(
     # 1.2x faster (bf16, 28x28 and 84x84). Grouped convolutions, and backward passes, were slower with it.
     channels_last = h.device.type == "cpu" and h.dim() == 4 and tasks == 1 and not torch.is_grad_enabled()
     for name, m in layers:
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Conv2d) and channels_last and h.shape[1] == 1:
+            h = images_conv2d_channels_last(h, _per_task(params[f"{name}.weight"], 1, 4), _bias(params, name), m)
+        elif isinstance(m, nn.Conv2d):
             h = _conv(h, params[f"{name}.weight"], params.get(f"{name}.bias"), m, tasks)
             if channels_last:
                 h = h.contiguous(memory_format=torch.channels_last)
@@ -107,6 +109,45 @@ def grouped_forward(
         else:  # Flatten: [n, tasks * c, h, w] -> [n, tasks, c * h * w]
             h = h.reshape(n, tasks, -1)
     return h.transpose(0, 1)
+
+
+def _bias(params, name: str) -> torch.Tensor | None:
+    b = params.get(f"{name}.bias")
+    return None if b is None else _per_task(b, 1, 1)
+
+
+def images_conv2d_channels_last(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: nn.Conv2d) -> torch.Tensor:
+    """``m``'s convolution of single-channel images into a channels_last output, as one product of the
+    unfolded images with the weights (evaluation's query forward of one task).
+
+    The native kernel's output for one input channel is NCHW, and copying it into channels_last took
+    as long as the convolution: 600 evaluation episodes of Meta-SGD 1.13x faster, FOMAML 1.05x, MAML
+    1.02x (5-way 1-shot 15 queries, bf16, 2 cores).
+    """
+    cols, weights, size = _unfold_images(x, w, b, m.stride, m.padding, m.dilation, 1)
+    y = torch.matmul(cols.transpose(2, 3), weights.transpose(1, 2))  # [n, 1, positions, out channels]
+    return y.view(x.shape[0], *size, w.shape[0]).permute(0, 3, 1, 2)
+
+
+def _unfold_images(x, w, b, stride, padding, dilation, groups):
+    """``x``'s 3x3 (or ``w``'s) neighbourhoods ``[n, groups, taps (+1), positions]`` and the weights
+    ``[groups, out channels per group, taps (+1)]`` in the compute dtype (autocast's), with the bias as
+    a row of ones, so that the sum is rounded once; and the output's spatial size."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else w.dtype
+    n, size = (
+        x.shape[0],
+        tuple(
+            (length + 2 * p - d * (k - 1) - 1) // s + 1
+            for length, k, s, p, d in zip(x.shape[2:], w.shape[2:], stride, padding, dilation, strict=True)
+        ),
+    )
+    positions = size[0] * size[1]
+    cols = F.unfold(x.to(dtype), w.shape[2:], dilation, padding, stride).view(n, groups, -1, positions)
+    weights = w.to(dtype).view(groups, -1, cols.shape[2])
+    if b is not None:
+        cols = torch.cat([cols, cols.new_ones(n, groups, 1, positions)], 2)
+        weights = torch.cat([weights, b.to(dtype).view(groups, -1, 1)], 2)
+    return cols, weights, size
 
 
 def _conv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: nn.Conv2d, tasks: int) -> torch.Tensor:
@@ -149,22 +190,10 @@ class _ConvOfImages(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, stride, padding, dilation, groups):
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else w.dtype
-        n, (h, width) = (
-            x.shape[0],
-            (
-                (size + 2 * p - d * (k - 1) - 1) // s + 1
-                for size, k, s, p, d in zip(x.shape[2:], w.shape[2:], stride, padding, dilation, strict=True)
-            ),
-        )
-        cols = F.unfold(x.to(dtype), w.shape[2:], dilation, padding, stride).view(n, groups, -1, h * width)
-        weights = w.to(dtype).view(groups, -1, cols.shape[2])
-        if b is not None:
-            cols = torch.cat([cols, cols.new_ones(n, groups, 1, h * width)], 2)
-            weights = torch.cat([weights, b.to(dtype).view(groups, -1, 1)], 2)
+        cols, weights, size = _unfold_images(x, w, b, stride, padding, dilation, groups)
         ctx.save_for_backward(cols)
         ctx.shape = w.shape
-        return torch.matmul(weights, cols).view(n, w.shape[0], h, width)
+        return torch.matmul(weights, cols).view(x.shape[0], w.shape[0], *size)
 
     @staticmethod
     def backward(ctx, grad):

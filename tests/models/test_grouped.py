@@ -52,13 +52,15 @@ def test_equals_each_task_run_on_its_own(kind, mode):
             torch.testing.assert_close(grouped_stats[k][t], stats[k])
 
 
+@pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("mode", ["batch", "support", "running"])
-def test_one_task_without_gradients_equals_its_own_forward(mode):
-    """The path evaluation's query forward takes on a CPU (channels_last throughout)."""
+def test_one_task_without_gradients_equals_its_own_forward(mode, channels):
+    """The path evaluation's query forward takes on a CPU (channels_last throughout; one image channel
+    convolved as a product with the unfolded images)."""
     torch.manual_seed(0)
-    backbone = Conv4((3, 12, 12), hidden=4, layers=3).double()
+    backbone = Conv4((channels, 12, 12), hidden=4, layers=3).double()
     params, buffers = per_task_params(backbone, 1)
-    x = torch.randn(1, N, 3, 12, 12, dtype=torch.float64)
+    x = torch.randn(1, N, channels, 12, 12, dtype=torch.float64)
     with torch.no_grad():
         out = grouped_forward(grouped_layers(backbone), params, buffers, x, mode, SUPPORT)
         expected, _ = one_task(backbone, params, buffers, 0, x[0], mode, SUPPORT)
