@@ -130,10 +130,11 @@ def images_conv2d_channels_last(x: torch.Tensor, w: torch.Tensor, b: torch.Tenso
 
 
 def _unfold_images(x, w, b, stride, padding, dilation, groups):
-    """``x``'s 3x3 (or ``w``'s) neighbourhoods ``[n, groups, taps (+1), positions]`` and the weights
-    ``[groups, out channels per group, taps (+1)]`` in the compute dtype (autocast's), with the bias as
-    a row of ones, so that the sum is rounded once; and the output's spatial size."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else w.dtype
+    """``x``'s neighbourhoods under ``w``'s kernel, ``[n, groups, taps (+1), positions]``, and the weights,
+    ``[groups, out channels per group, taps (+1)]``, in the compute dtype (autocast's), with the bias as
+    a row of ones, so that each output is summed and rounded once; and the output's spatial size."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
     n, size = (
         x.shape[0],
         tuple(
