@@ -286,13 +286,13 @@ def _adam(m: Params, v: Params, g: Params, b1: float, b2: float, eps: float, t) 
     ``torch._foreach_*`` dispatches each operation once for all tensors: the update of 16 Conv4 tasks
     (1.8 million weights) took 3.8 ms instead of 6.6 one tensor at a time; a Reptile evaluation was
     1.05x faster, a Reptile meta-step 1.03x. With ``b1 = 0`` (Reptile's) the first moment is the
-    gradient itself.
+    gradient itself and its bias correction is 1, a division skipped (a Reptile evaluation 1.02x).
     """
     grads, spec = tree_flatten(g)
     firsts = grads if b1 == 0 else _foreach("lerp", tree_flatten(m)[0], grads, 1 - b1)
     seconds = _foreach("lerp", tree_flatten(v)[0], _foreach("mul", grads, grads), 1 - b2)
     denominators = _foreach("add", _foreach("sqrt", _foreach("div", seconds, 1 - b2**t)), eps)
-    directions = _foreach("div", _foreach("div", firsts, 1 - b1**t), denominators)
+    directions = _foreach("div", firsts if b1 == 0 else _foreach("div", firsts, 1 - b1**t), denominators)
     return tuple(tree_unflatten(list(x), spec) for x in (firsts, seconds, directions))
 
 
