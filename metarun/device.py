@@ -26,22 +26,20 @@ def resolve_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def input_dtype(precision: str) -> torch.dtype:
     """The dtype autocast casts a model's input to under ``precision`` (float32 for ``fp32``)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={precision}: valid values are {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision] or torch.float32
+    return PRECISIONS[precision]
 
 
 def autocast(device: torch.device, precision: str):
     """Autocast for ``bf16``/``fp16`` on any device type that supports it; a no-op for ``fp32``."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={precision}: valid values are {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
+    dtype = input_dtype(precision)
+    if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 

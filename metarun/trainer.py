@@ -89,13 +89,13 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
         algorithm = algorithm.to(memory_format=torch.channels_last)
     bn_mode = resolve_bn_mode(algorithm, cfg.eval.bn_mode)
     augment, fused = cfg.dataset.get("augment", False), tr.get("fused_sampling", False)  # (runs saved before the key)
+    val_precision = eval_precision(cfg.eval, tr)
     train_sampler = build_sampler(
         dataset, "train", t.ways, t.shots, t.queries, tr.seed, device, augment, tr.channels_last, where, fused, tr.precision
     )
     val_sampler = build_sampler(
-        dataset, "val", t.ways, t.shots, cfg.eval.queries, tr.seed, device, False, tr.channels_last, where, fused,
-        eval_precision(cfg.eval, tr),
-    )  # fmt: skip
+        dataset, "val", t.ways, t.shots, cfg.eval.queries, tr.seed, device, False, tr.channels_last, where, fused, val_precision
+    )
     optimizer = build_optimizer(algorithm, tr.optimizer, tr.lr, tr.weight_decay)
     scheduler = build_scheduler(optimizer, tr.schedule, tr.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=tr.precision == "fp16")
@@ -232,7 +232,7 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
                         cfg.eval.batch_tasks,
                         bn_mode,
                         "validation",
-                        eval_precision(cfg.eval, tr),
+                        val_precision,
                     )
                     val, ci = mean_ci95(scores)
                     is_best = best is None or better(val, best)

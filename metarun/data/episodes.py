@@ -230,12 +230,12 @@ class EpisodeSampler:
         out = torch.empty((len(index), *pool.shape[1:]), device=self.device, dtype=self.dtype, memory_format=layout)
         per_chunk = max(1, len(index) if self.device.type != "cpu" else CHUNK_BYTES // (pool[0].numel() * 4))
         # normalised in float; in a reduced precision through a float chunk, rounded once when stored
-        buffer = out if self.dtype == torch.float32 else torch.empty_like(out[:per_chunk], dtype=torch.float32)
-        for start, i in zip(range(0, len(index), per_chunk), index.split(per_chunk), strict=True):
-            o = buffer[start : start + len(i)] if buffer is out else buffer[: len(i)]
-            o.copy_(pool.index_select(0, i)).mul_(self.scale).add_(self.shift)  # bytes -> normalised floats
-            if buffer is not out:
-                out[start : start + len(i)].copy_(o)
+        floats = None if self.dtype == torch.float32 else torch.empty_like(out[:per_chunk], dtype=torch.float32)
+        for o, i in zip(out.split(per_chunk), index.split(per_chunk), strict=True):
+            f = o if floats is None else floats[: len(i)]
+            f.copy_(pool.index_select(0, i)).mul_(self.scale).add_(self.shift)  # bytes -> normalised floats
+            if floats is not None:
+                o.copy_(f)
         return out
 
     # -- what the algorithms ask for --------------------------------------------
