@@ -637,7 +637,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="a short run (1.5 minutes on 2 CPU cores): smaller meta-batches, fewer shapes, rounds and episodes",
+        help="a short run (about 2 minutes on 2 CPU cores): smaller meta-batches, fewer shapes, rounds and episodes",
     )
     ap.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.md (default: outputs/bench)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
