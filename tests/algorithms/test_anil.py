@@ -7,6 +7,7 @@ import torch
 
 from metarun.algorithms.anil import ANIL
 from metarun.data.episodes import Episode
+from metarun.models.grouped import _ConvOfImages
 from tests.algorithms.reference import reference_maml, tiny_backbone, tiny_mlp_tasks, tiny_tasks
 
 TOL = 1e-5
@@ -48,10 +49,12 @@ def test_task_by_task_and_folded_passes_update_the_running_statistics_alike(monk
 @pytest.mark.parametrize("task_by_task", [True, False], ids=["task_by_task", "folded"])
 def test_the_backbone_runs_once_per_set_whatever_the_inner_steps(task_by_task, monkeypatch):
     """Convolutions counted: each of the two layers once for the support sets and once for the query
-    sets, per task (task by task) or per grouped call of all three tiny tasks (folded, on a CPU)."""
+    sets, per task (task by task) or per grouped call of all three tiny tasks (folded, on a CPU, where
+    the first layer's is a product of the unfolded images)."""
     monkeypatch.setattr(ANIL, "task_by_task", staticmethod(lambda batch: task_by_task))
-    conv2d, calls = torch.nn.functional.conv2d, []
+    conv2d, product, calls = torch.nn.functional.conv2d, _ConvOfImages.apply, []
     monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))
+    monkeypatch.setattr(_ConvOfImages, "apply", lambda *a: calls.append(1) or product(*a))
     counts = []
     for steps in (1, 5):
         torch.manual_seed(0)

@@ -34,7 +34,11 @@ def test_meta_gradients_of_weights_and_learning_rates_match_the_reference(kind, 
     n = len(weights)
     assert max((a - b).abs().max().item() for a, b in zip(got[:n], grads, strict=True)) < TOL
     assert max((a - b).abs().max().item() for a, b in zip(got[n:], lr_grads, strict=True)) < TOL
-    assert all(g.abs().sum() > 0 for g in got[n:])
+    names = [name for name, _ in algo.backbone.named_parameters()] + ["head.weight", "head.bias"]
+    # a convolution's bias in front of batch norm cancels out, and so has no gradient (exactly none where the
+    # norm is folded into the convolution): the rates of every other weight must get one
+    cancelled = [kind == "conv4" and name.endswith(".0.bias") for name in names]
+    assert all(g.abs().sum() > 0 for g, c in zip(got[n:], cancelled, strict=True) if not c)
 
 
 def test_learning_rates_start_at_inner_lr_and_are_checkpointed():

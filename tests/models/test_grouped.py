@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from metarun.models import grouped
 from metarun.models.conv4 import Conv4
 from metarun.models.grouped import conv2d, grouped_forward, grouped_layers, max_pool2d
 from metarun.models.mlp import MLP
@@ -50,6 +51,39 @@ def test_equals_each_task_run_on_its_own(kind, mode):
         torch.testing.assert_close(out[t], expected)
         for k in stats:  # the running statistics move exactly as the task's own training forward moves them
             torch.testing.assert_close(grouped_stats[k][t], stats[k])
+
+
+@pytest.mark.parametrize("mode", ["batch", "support", "running"])
+def test_a_batch_norm_folded_into_the_convolution_of_images_is_exact_to_second_order(mode, monkeypatch):
+    """Where gradients are taken on a CPU, the first layer's batch norm is folded into its convolution's
+    per-task weights: outputs, running statistics and first- and second-order gradients as each task's
+    own forward through the batch norm gives them."""
+    torch.manual_seed(0)
+    backbone = Conv4((1, 8, 8), hidden=4, layers=2).double().train()
+    params, buffers = per_task_params(backbone, TASKS)
+    params = {k: v.requires_grad_() for k, v in params.items()}
+    x = torch.randn(TASKS, N, 1, 8, 8, dtype=torch.float64)
+    norms, norm = [], grouped._norm
+    monkeypatch.setattr(grouped, "_norm", lambda m, name, *a: norms.append(name) or norm(m, name, *a))
+    grouped_stats = {k: v.clone() for k, v in buffers.items()}
+    out = grouped_forward(grouped_layers(backbone), params, grouped_stats, x, mode, SUPPORT, update_stats=mode == "batch")
+    assert norms == ["features.1.1"]  # the first block's norm was folded
+    runs = [one_task(backbone, params, buffers, t, x[t], mode, SUPPORT) for t in range(TASKS)]
+    expected = torch.stack([o for o, _ in runs])
+    torch.testing.assert_close(out, expected)
+    for k in buffers:
+        torch.testing.assert_close(grouped_stats[k], torch.stack([stats[k] for _, stats in runs]))
+    probe = torch.randn_like(out)
+    weights = list(params.values())
+
+    def grads(y):
+        first = torch.autograd.grad((y * probe).square().sum(), weights, create_graph=True)
+        second = torch.autograd.grad(sum((g * g.detach().sign()).sum() for g in first), weights)
+        return first, second
+
+    for got, want in zip(grads(out), grads(expected), strict=True):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
