@@ -144,7 +144,10 @@ def folded_weights(h, conv, norm, conv_name, norm_name, params, buffers, tasks, 
     c = w.shape[1]
     b = params.get(f"{conv_name}.bias")
     dtype = torch.promote_types(w.dtype, torch.float32)  # statistics at least in float, as batch norm's
-    with torch.autocast(h.device.type, enabled=False):
+    device = h.device.type
+    if torch.is_autocast_enabled(device):  # the images as the convolution gets them: rounded by autocast
+        h = h.to(torch.get_autocast_dtype(device))
+    with torch.autocast(device, enabled=False):
         w3 = w.reshape(tasks, c, -1).to(dtype)
         if mode == "running":
             mean = _each(buffers[f"{norm_name}.running_mean"], tasks, 1).to(dtype)
