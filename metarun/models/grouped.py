@@ -152,7 +152,6 @@ def folded_weights(h, conv, norm, conv_name, norm_name, params, buffers, tasks, 
         if mode == "running":
             mean = _each(buffers[f"{norm_name}.running_mean"], tasks, 1).to(dtype)
             var = _each(buffers[f"{norm_name}.running_var"], tasks, 1).to(dtype)
-            shift = mean if b is None else mean - _each(b, tasks, 1).to(dtype)  # subtracted from w.x
         else:
             images = h[:support_size] if mode == "support" else h
             n = images.shape[0]
@@ -161,10 +160,9 @@ def folded_weights(h, conv, norm, conv_name, norm_name, params, buffers, tasks, 
             count = patches.shape[2]
             m = patches.mean(2, keepdim=True)
             centred = patches - m
-            mean = (w3 @ m).squeeze(-1)
+            mean = (w3 @ m).squeeze(-1)  # of the convolution's output
             if b is not None:
                 mean = mean + _each(b, tasks, 1).to(dtype)
-            shift = mean if b is None else mean - _each(b, tasks, 1).to(dtype)  # b - mean: the bias cancels, its gradient is 0
             var = ((w3 @ (centred @ centred.transpose(1, 2) / count)) * w3).sum(-1)
             if update_stats and norm.track_running_stats:
                 with torch.no_grad():
@@ -172,6 +170,9 @@ def folded_weights(h, conv, norm, conv_name, norm_name, params, buffers, tasks, 
                     for key, value in (("running_mean", mean), ("running_var", var * count / max(count - 1, 1))):
                         buf = buffers[f"{norm_name}.{key}"]
                         buf.copy_(((1 - momentum) * buf.view(tasks, c) + momentum * value).view(buf.shape))
+        # what the normalisation subtracts from w.x; with batch statistics the conv bias cancels out of it
+        # (written so that the bias stays in the graph, with a gradient of exactly 0)
+        shift = mean if b is None else mean - _each(b, tasks, 1).to(dtype)
         scale = torch.rsqrt(var + norm.eps)
         if norm.affine:
             scale = scale * _each(params[f"{norm_name}.weight"], tasks, 1)
