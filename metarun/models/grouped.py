@@ -142,8 +142,9 @@ def folded_weights(h, conv, norm, conv_name, norm_name, params, buffers, tasks, 
     """
     w = _each(params[f"{conv_name}.weight"], tasks, 4)
     c = w.shape[1]
-    b = params.get(f"{conv_name}.bias")
     dtype = torch.promote_types(w.dtype, torch.float32)  # statistics at least in float, as batch norm's
+    b = params.get(f"{conv_name}.bias")
+    b = None if b is None else _each(b, tasks, 1).to(dtype)
     device = h.device.type
     if torch.is_autocast_enabled(device):  # the images as the convolution gets them: rounded by autocast
         h = h.to(torch.get_autocast_dtype(device))
@@ -162,7 +163,7 @@ def folded_weights(h, conv, norm, conv_name, norm_name, params, buffers, tasks, 
             centred = patches - m
             mean = (w3 @ m).squeeze(-1)  # of the convolution's output
             if b is not None:
-                mean = mean + _each(b, tasks, 1).to(dtype)
+                mean = mean + b
             var = ((w3 @ (centred @ centred.transpose(1, 2) / count)) * w3).sum(-1)
             if update_stats and norm.track_running_stats:
                 with torch.no_grad():
@@ -172,14 +173,10 @@ def folded_weights(h, conv, norm, conv_name, norm_name, params, buffers, tasks, 
                         buf.copy_(((1 - momentum) * buf.view(tasks, c) + momentum * value).view(buf.shape))
         # what the normalisation subtracts from w.x; with batch statistics the conv bias cancels out of it
         # (written so that the bias stays in the graph, with a gradient of exactly 0)
-        shift = mean if b is None else mean - _each(b, tasks, 1).to(dtype)
-        scale = torch.rsqrt(var + norm.eps)
-        if norm.affine:
-            scale = scale * _each(params[f"{norm_name}.weight"], tasks, 1)
-        bias = -shift * scale
-        if norm.affine:
-            bias = bias + _each(params[f"{norm_name}.bias"], tasks, 1)
-        return (w3 * scale[..., None]).view(w.shape), bias
+        shift = mean if b is None else mean - b
+        gamma, beta = (_each(params[f"{norm_name}.{k}"], tasks, 1) for k in ("weight", "bias")) if norm.affine else (1, 0)
+        scale = torch.rsqrt(var + norm.eps) * gamma
+        return (w3 * scale[..., None]).view(w.shape), beta - shift * scale
 
 
 def _bias(params, name: str) -> torch.Tensor | None:
