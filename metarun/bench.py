@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from metarun import bench_reference as ref
 from metarun.allocator import keep_freed_memory
-from metarun.config import EvalConfig
+from metarun.config import EvalConfig, compose
 from metarun.data.episodes import EpisodeSampler, fixed_episodes
 from metarun.data.split import FewShotDataset, Split
 from metarun.device import autocast, compile_step, resolve_device, synchronize
@@ -251,14 +251,6 @@ def random_dataset(shape: Shape, name: str) -> FewShotDataset:
 
 def compose_run_config(algo: str, shape: Shape):
     """The composed ``metarun train`` config of ``algo`` (its recipe) at ``shape``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from metarun.cli import config_dir
-    from metarun.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
     overrides = [
         f"algo={algo}",
         "backbone=conv4",
@@ -268,10 +260,7 @@ def compose_run_config(algo: str, shape: Shape):
         f"task.queries={shape.queries}",
         f"task.meta_batch={shape.meta_batch}",
     ]
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose("train", overrides)
 
 
 @dataclass

@@ -12,17 +12,14 @@ Errors reach the user as one line: Hydra's composition errors and
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
-import re
 import sys
 from collections.abc import Callable
-from importlib import resources
 from typing import Any
 
 from metarun.allocator import keep_freed_memory
-from metarun.errors import ConfigError, MetarunError
+from metarun.errors import describe, user_error
 
 COMMANDS = {
     "train": ("train", "meta-train a model (then evaluate its best checkpoint)"),
@@ -52,82 +49,12 @@ SILENT_RANK = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging
 MODE_FLAGS = {"-m": "--multirun", "--multirun": "--multirun", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info"}
 
 
-def config_dir() -> str:
-    return str(resources.files("metarun.conf"))
-
-
-def one_line(ex: BaseException) -> str:
-    """Hydra's and OmegaConf's multi-line messages, folded into one line a user can act on."""
-    text = str(ex).split("\nConfig search path")[0]
-    key = getattr(ex, "full_key", None)
-    if key and key not in text:
-        text = f"{text} ({key})"
-    if isinstance(ex.__cause__, Exception) and str(ex.__cause__) not in text:
-        text = f"{text}: {ex.__cause__}"
-    noise = ("full_key", "object_type", "reference_type", "Set the environment")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(noise)]
-    head, options = [], []
-    for ln in lines:
-        (options if head and head[-1].startswith("Available options") else head).append(ln)
-    if options:
-        head[-1] = f"(valid options for {head[-1].split(chr(39))[1]}: {', '.join(options)})"
-    return " ".join(head)
-
-
-def is_config_error(ex: BaseException) -> bool:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    return isinstance(ex, (ConfigError, HydraException, OmegaConfBaseException)) or isinstance(
-        ex.__cause__, OmegaConfBaseException
-    )
-
-
-def user_error(ex: BaseException) -> MetarunError | None:
-    """The MetarunError behind ``ex`` (Hydra wraps errors raised while instantiating), if any."""
-    while ex is not None:
-        if isinstance(ex, MetarunError):
-            return ex
-        ex = ex.__cause__
-    return None
-
-
-def unknown_key(ex: BaseException) -> MetarunError | None:
-    """A misspelt key: Hydra advises ``+key=value``, which would add a key nothing reads; name the valid keys instead."""
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
-    from metarun.config import unknown_key as named
-
-    cause = ex.__cause__
-    match = re.match(r"Could not override '([^']+)'", str(ex))
-    if (
-        match is None
-        or not isinstance(cause, (ConfigAttributeError, ConfigKeyError))
-        or not dataclasses.is_dataclass(cause.object_type)
-    ):
-        return None
-    typed, missing = match[1], cause.full_key
-    if "." in missing or typed == missing or typed.startswith(f"{missing}."):  # `a.b=1` with no `a`: names `a`
-        key = missing
-    else:  # `a={b:1}`: the key is a child of the one typed
-        key = f"{typed}.{missing}"
-    return named(key, cause.object_type)
-
-
 def report(ex: BaseException) -> int:
     """Prints ``ex`` as one line and returns its exit code (2: usage/config, 1: run time, 130: Ctrl-C)."""
-    if isinstance(ex, KeyboardInterrupt):
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    cause = user_error(ex) or unknown_key(ex)
-    if cause is not None:
-        print(f"error: {cause}", file=sys.stderr)
-        return cause.exit_code
-    if is_config_error(ex):
-        print(f"error: {one_line(ex)}", file=sys.stderr)
-        return 2
-    print(f"error: {type(ex).__name__}: {one_line(ex)} (run with --debug for the traceback)", file=sys.stderr)
-    return 1
+    line, code = describe(ex)
+    hint = " (run with --debug for the traceback)" if code == 1 and user_error(ex) is None else ""
+    print(f"error: {line}{hint}", file=sys.stderr)
+    return code
 
 
 def run_and_report(func: Callable[[], Any]) -> Any:
@@ -178,7 +105,7 @@ def run_hydra_command(command: str, argv: list[str]) -> None:
     import hydra
     import hydra._internal.utils as hydra_utils
 
-    from metarun.config import register_configs
+    from metarun.config import config_dir, register_configs
 
     register_configs()
     hydra_utils.run_and_report = run_and_report

@@ -17,17 +17,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from metarun.errors import ConfigError
-
-
-def choice(default: Any, *others: Any) -> Any:
-    """A field that takes one of a few values; :func:`check_values` rejects the rest before any work is done."""
-    return field(default=default, metadata={"choices": (default, *others)})
-
-
-def at_least(low: float, default: float) -> Any:
-    """A number with a lower bound (a type cannot say that a count must be positive); see :func:`check_values`."""
-    return field(default=default, metadata={"min": low})
+from metarun.errors import ConfigError, unknown_key
+from metarun.schema import at_least, choice
 
 
 # -- datasets -------------------------------------------------------------------
@@ -140,72 +131,6 @@ class ResNet12Config:
 class MLPConfig:
     _target_: str = "metarun.models.mlp.MLP"
     hidden: list[int] = field(default_factory=lambda: [40, 40])
-
-
-# -- algorithms -----------------------------------------------------------------
-@dataclass
-class ProtoNetConfig:
-    _target_: str = "metarun.algorithms.protonet.ProtoNet"
-
-
-@dataclass
-class MAMLConfig:
-    _target_: str = "metarun.algorithms.maml.MAML"
-    #: step size of the inner (per-task) gradient steps
-    inner_lr: float = at_least(0.0, 0.4)
-    #: inner steps per task in meta-training (0: no adaptation, i.e. joint training)
-    inner_steps: int = at_least(0, 1)
-    #: inner steps per task at validation and test time
-    inner_steps_eval: int = at_least(0, 3)
-    #: drop the second-order terms (FOMAML)
-    first_order: bool = False
-    #: auto | vmap | loop: how the tasks of a batch run (auto: by task size, see metarun/algorithms/functional.py)
-    strategy: str = choice("auto", "grouped", "vmap", "loop")
-    #: with vmap, this many tasks at a time (null: all at once), to bound memory
-    chunk_size: Optional[int] = None
-
-
-@dataclass
-class ANILConfig(MAMLConfig):
-    _target_: str = "metarun.algorithms.anil.ANIL"
-
-
-@dataclass
-class MetaSGDConfig(MAMLConfig):
-    _target_: str = "metarun.algorithms.metasgd.MetaSGD"
-
-
-@dataclass
-class ReptileConfig:
-    _target_: str = "metarun.algorithms.reptile.Reptile"
-    inner_lr: float = at_least(0.0, 1e-3)
-    inner_steps: int = at_least(1, 5)
-    inner_steps_eval: int = at_least(0, 50)
-    #: adam (beta1 = 0, as in the paper) | sgd
-    inner_optimizer: str = choice("adam", "sgd")
-    #: samples per inner step, cycling through each task's support + query (null: all of them)
-    inner_batch: Optional[int] = None
-    #: support samples per evaluation inner step (null: the whole support set every step)
-    inner_batch_eval: Optional[int] = None
-    #: Adam's moments carry over from task to task and into evaluation, as in the paper's code
-    #: (false: every task starts Adam afresh)
-    carry_adam_state: bool = True
-    strategy: str = choice("auto", "grouped", "vmap", "loop")
-    chunk_size: Optional[int] = None
-
-
-@dataclass
-class FinetuneConfig:
-    _target_: str = "metarun.algorithms.finetune.Finetune"
-    #: linear (Baseline) | cosine (Baseline++)
-    head: str = choice("linear", "cosine")
-    #: images per pre-training step, drawn from all training classes
-    batch_size: int = at_least(1, 64)
-    #: full-batch Adam steps fitting each test episode's new classifier
-    finetune_steps: int = at_least(0, 100)
-    finetune_lr: float = at_least(0.0, 0.01)
-    #: logit scale of the cosine head
-    cosine_scale: float = at_least(0.0, 10.0)
 
 
 # -- the rest ---------------------------------------------------------------------
@@ -337,30 +262,42 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "folder": FolderConfig,
     },
     "backbone": {"conv4": Conv4Config, "resnet12": ResNet12Config, "mlp": MLPConfig},
-    "algo": {
-        "protonet": ProtoNetConfig,
-        "maml": MAMLConfig,
-        "anil": ANILConfig,
-        "metasgd": MetaSGDConfig,
-        "reptile": ReptileConfig,
-        "finetune": FinetuneConfig,
-    },
 }
+
+
+def algorithm_schemas() -> dict[str, type]:
+    """``{module name: Config}`` of every module under :mod:`metarun.algorithms` whose algorithm declares one.
+
+    An algorithm's schema lives beside its code (``<Algorithm>.Config``), so adding one is a module and a
+    YAML (``defaults: [/schema/algo@algo: <module name>]``); importing the modules costs the torch import.
+    """
+    import importlib
+    import pkgutil
+
+    import metarun.algorithms as package
+
+    schemas = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for value in vars(module).values():
+            schema = getattr(value, "Config", None)
+            if isinstance(value, type) and value.__module__ == module.__name__ and is_dataclass(schema):
+                schemas[info.name] = schema
+    return schemas
+
+
+def schemas() -> dict[str, dict[str, type]]:
+    """Every group's ``{option: schema}``."""
+    return {**SCHEMAS, "algo": algorithm_schemas()}
 
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalJobConfig)
-    for group, nodes in SCHEMAS.items():
+    for group, nodes in schemas().items():
         for name, node in nodes.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
-
-
-def unknown_key(key: str, schema: type) -> ConfigError:
-    """Names the keys that exist: Hydra's own advice for a misspelt key, ``+key=value``, adds a key nothing reads."""
-    names = ", ".join(f.name for f in fields(schema) if not f.name.startswith("_"))
-    return ConfigError(f"unknown key '{key}': valid keys are {names}")
 
 
 def check_values(cfg: DictConfig, schema: type, prefix: str = "") -> None:
@@ -391,3 +328,25 @@ def check_values(cfg: DictConfig, schema: type, prefix: str = "") -> None:
         elif isinstance(value, ListConfig) and typing.get_args(hint) and is_dataclass(item := typing.get_args(hint)[0]):
             for i, entry in enumerate(value):
                 check_values(entry, item, f"{key}[{i}].")
+
+
+def config_dir() -> str:
+    """The folder of the YAML configs (``conf/``, shipped inside the wheel as ``metarun.conf``)."""
+    from importlib import resources
+
+    return str(resources.files("metarun.conf"))
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """The config ``metarun <command>`` would compose from ``overrides``, outside any Hydra app (tests, the bench)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()

@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from metarun.errors import MetarunError
+from metarun.errors import MetarunError, describe
 from metarun.progress import console
 
 FAILURE_FILE = "failed.txt"
@@ -68,11 +68,7 @@ def run_labels(hydra: DictConfig, cfg: DictConfig) -> tuple[str, str | None]:
 
 def error_line(ex: BaseException) -> str:
     """The line the CLI would print for ``ex`` in a single run."""
-    from metarun.cli import is_config_error, one_line, user_error
-
-    if (cause := user_error(ex)) is not None:
-        return str(cause)
-    return one_line(ex) if is_config_error(ex) else f"{type(ex).__name__}: {one_line(ex)}"
+    return describe(ex)[0]
 
 
 def run_job(job: Callable[[], Any], run_dir: Path) -> Any:

@@ -9,11 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
-from metarun.cli import config_dir
-from metarun.config import register_configs
+from metarun.config import compose
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT = (REPO.parent / "shared" / "data" / "omniglot").resolve()
@@ -48,15 +44,7 @@ def tiny(glyph_root) -> list[str]:
 @pytest.fixture
 def compose_config():
     """``compose_config("train", [...])`` -> the composed DictConfig, as the CLI would build it."""
-    register_configs()
-
-    def _compose(name: str, overrides: list[str]):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return compose(config_name=name, overrides=overrides)
-
-    yield _compose
-    GlobalHydra.instance().clear()
+    return compose
 
 
 def run_cli(
@@ -78,9 +66,4 @@ def cli_env(env: dict | None = None) -> dict:
 
 def dataset_config(name: str, **overrides):
     """The composed ``dataset`` node of ``dataset=<name>``, with keys overridden."""
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"dataset={name}", *(f"dataset.{k}={v}" for k, v in overrides.items())])
-    GlobalHydra.instance().clear()
-    return cfg.dataset
+    return compose("train", [f"dataset={name}", *(f"dataset.{k}={v}" for k, v in overrides.items())]).dataset

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from metarun.cli import main
-from metarun.config import SCHEMAS, TrainConfig
+from metarun.config import TrainConfig, schemas
 from tests.conftest import REPO, run_cli
 
 CONF = REPO / "conf"
@@ -32,6 +32,7 @@ GROUPS = {
     d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONF.iterdir()) if d.is_dir() and not d.name.startswith("_")
 }
 DEFAULTS = {"dataset": "glyphs", "backbone": "conv4", "algo": "protonet"}
+SCHEMAS = schemas()
 JUNK = st.sampled_from(["", "abc", "-1", "1e999", "[1,2]", "{a:1}", "null", "${oops}", "x y", "'quoted'", "true"])
 
 

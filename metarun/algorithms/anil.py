@@ -18,27 +18,30 @@ instead take their backbone forward and backward one task at a time
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from metarun.algorithms.base import surrogate_loss
-from metarun.algorithms.functional import (
-    Params,
-    check_bn_mode,
-    fold_features,
-    inner_loop,
-    map_tasks,
-)
-from metarun.algorithms.maml import MAML
+from metarun.algorithms.inner_loop import Params, inner_loop
+from metarun.algorithms.maml import MAML, MAMLConfig
+from metarun.algorithms.task_batching import fold_features, map_tasks
 from metarun.data.episodes import Episode
-from metarun.models.norm import one_task_per_call
+from metarun.models.norm import check_bn_mode, one_task_per_call
 
 #: On a CPU, tasks of more images than this take their backbone forward and backward one at a time
 #: (:meth:`ANIL.task_by_task`)
 TASK_BY_TASK_IMAGES = 40
 
 
+@dataclass
+class ANILConfig(MAMLConfig):
+    _target_: str = "metarun.algorithms.anil.ANIL"
+
+
 class ANIL(MAML):
+    Config = ANILConfig
     default_bn_mode = "transductive"  # as MAML, whose code the paper uses
     adapts_backbone = False
 

@@ -20,14 +20,18 @@ Validation during training still runs on episodes, through :meth:`evaluate`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metarun.algorithms.base import Algorithm, accuracy
-from metarun.algorithms.functional import check_bn_mode, fold_features
+from metarun.algorithms.task_batching import fold_features
 from metarun.data.episodes import Batch, Episode
 from metarun.errors import ConfigError
+from metarun.models.norm import check_bn_mode
+from metarun.schema import at_least, choice
 
 HEADS = ("linear", "cosine")
 
@@ -40,7 +44,22 @@ def head_logits(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out if bias is None else out + bias.unsqueeze(-2)
 
 
+@dataclass
+class FinetuneConfig:
+    _target_: str = "metarun.algorithms.finetune.Finetune"
+    #: linear (Baseline) | cosine (Baseline++)
+    head: str = choice(*HEADS)
+    #: images per pre-training step, drawn from all training classes
+    batch_size: int = at_least(1, 64)
+    #: full-batch Adam steps fitting each test episode's new classifier
+    finetune_steps: int = at_least(0, 100)
+    finetune_lr: float = at_least(0.0, 0.01)
+    #: logit scale of the cosine head
+    cosine_scale: float = at_least(0.0, 10.0)
+
+
 class Finetune(Algorithm):
+    Config = FinetuneConfig
     default_bn_mode = "running"  # the backbone is an ordinary network, evaluated in eval mode
 
     def __init__(

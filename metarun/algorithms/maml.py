@@ -17,16 +17,41 @@ use an MSE loss and ``score = "mse"``; the head then has ``ways`` outputs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from metarun.algorithms.base import surrogate_loss
-from metarun.algorithms.functional import FunctionalLearner, Params, check_bn_mode, inner_loop, map_chunks
+from metarun.algorithms.inner_loop import Params, inner_loop
+from metarun.algorithms.learner import FunctionalLearner
+from metarun.algorithms.task_batching import STRATEGIES, map_chunks
 from metarun.data.episodes import Episode
 from metarun.errors import ConfigError
+from metarun.models.norm import check_bn_mode
+from metarun.schema import at_least, choice
+
+
+@dataclass
+class MAMLConfig:
+    _target_: str = "metarun.algorithms.maml.MAML"
+    #: step size of the inner (per-task) gradient steps
+    inner_lr: float = at_least(0.0, 0.4)
+    #: inner steps per task in meta-training (0: no adaptation, i.e. joint training)
+    inner_steps: int = at_least(0, 1)
+    #: inner steps per task at validation and test time
+    inner_steps_eval: int = at_least(0, 3)
+    #: drop the second-order terms (FOMAML)
+    first_order: bool = False
+    #: how the tasks of a batch run (auto: by task size, see metarun/algorithms/task_batching.py)
+    strategy: str = choice(*STRATEGIES)
+    #: with vmap, this many tasks at a time (null: all at once), to bound memory
+    chunk_size: Optional[int] = None
 
 
 class MAML(FunctionalLearner):
+    Config = MAMLConfig
     default_bn_mode = "transductive"  # the paper's: query batches normalised by their own statistics
     #: the inner loop's update rule (Reptile may use Adam)
     inner_optimizer = "sgd"

@@ -10,14 +10,22 @@ parameters), so they are checkpointed with the weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from metarun.algorithms.functional import Params
-from metarun.algorithms.maml import MAML
+from metarun.algorithms.inner_loop import Params
+from metarun.algorithms.maml import MAML, MAMLConfig
+
+
+@dataclass
+class MetaSGDConfig(MAMLConfig):
+    _target_: str = "metarun.algorithms.metasgd.MetaSGD"
 
 
 class MetaSGD(MAML):
+    Config = MetaSGDConfig
     default_bn_mode = "transductive"
 
     def __init__(self, backbone, ways: int, **maml_options) -> None:

@@ -9,6 +9,8 @@ batched or split across processes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +31,13 @@ def logits_from_distances(query: torch.Tensor, protos: torch.Tensor) -> torch.Te
     return -(query.pow(2).sum(-1, keepdim=True) - 2 * query @ protos.transpose(1, 2) + protos.pow(2).sum(-1)[:, None, :])
 
 
+@dataclass
+class ProtoNetConfig:
+    _target_: str = "metarun.algorithms.protonet.ProtoNet"
+
+
 class ProtoNet(Algorithm):
+    Config = ProtoNetConfig
     default_bn_mode = "running"  # as in the paper's code: the model in eval mode at test time
 
     def __init__(self, backbone, ways: int, task_kind: str = "classification") -> None:

@@ -33,20 +33,45 @@ its step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from metarun.algorithms.base import surrogate_loss
-from metarun.algorithms.functional import INNER_OPTIMIZERS, Params, inner_loop
+from metarun.algorithms.inner_loop import INNER_OPTIMIZERS, Params, inner_loop
 from metarun.algorithms.maml import MAML
+from metarun.algorithms.task_batching import STRATEGIES
 from metarun.data.episodes import Episode
 from metarun.errors import ConfigError
+from metarun.schema import at_least, choice
 
 #: the buffers of the carried Adam state (``carry_adam_state``): flat first and second moments, steps taken
 CARRIED_STATE = ("adam_m", "adam_v", "adam_steps")
 
 
+@dataclass
+class ReptileConfig:
+    _target_: str = "metarun.algorithms.reptile.Reptile"
+    inner_lr: float = at_least(0.0, 1e-3)
+    inner_steps: int = at_least(1, 5)
+    inner_steps_eval: int = at_least(0, 50)
+    #: adam (beta1 = 0, as in the paper) | sgd
+    inner_optimizer: str = choice("adam", *INNER_OPTIMIZERS)
+    #: samples per inner step, cycling through each task's support + query (null: all of them)
+    inner_batch: Optional[int] = None
+    #: support samples per evaluation inner step (null: the whole support set every step)
+    inner_batch_eval: Optional[int] = None
+    #: Adam's moments carry over from task to task and into evaluation, as in the paper's code
+    #: (false: every task starts Adam afresh)
+    carry_adam_state: bool = True
+    strategy: str = choice(*STRATEGIES)
+    chunk_size: Optional[int] = None
+
+
 class Reptile(MAML):
+    Config = ReptileConfig
     default_bn_mode = "transductive"  # the paper's headline numbers are transductive
 
     def __init__(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,17 @@ def normalize_by(x: torch.Tensor, ref: torch.Tensor, channel_dim: int, eps: floa
     return y * weight.view(shape) + bias.view(shape)
 
 
+#: ``eval.bn_mode`` -> the statistics a forward pass uses (the one list of modes)
 BN_MODES = {"transductive": "batch", "support": "support", "running": "running"}
+
+
+def check_bn_mode(bn_mode: str) -> str:
+    """``bn_mode`` if it is one of :data:`BN_MODES`, else a one-line error naming them."""
+    from metarun.errors import ConfigError
+
+    if bn_mode not in BN_MODES:
+        raise ConfigError(f"eval.bn_mode={bn_mode}: valid modes are {', '.join(BN_MODES)}")
+    return bn_mode
 
 
 @contextmanager
@@ -148,19 +159,19 @@ def one_task_per_call(model: nn.Module) -> Iterator[Callable[[], None]]:
                     var.copy_(sum_var / calls)
 
 
-#: whether the forward passes running now will have their gradient differentiated (:func:`differentiated_twice`)
-_twice = False
+#: whether the forward passes running now will have their gradient differentiated (:func:`differentiated_twice`);
+#: a context variable, so the setting belongs to the code inside the ``with`` block and nothing else
+_TWICE: ContextVar[bool] = ContextVar("differentiated_twice", default=False)
 
 
 @contextmanager
 def differentiated_twice(enabled: bool = True) -> Iterator[None]:
     """Forward passes inside will have their gradient differentiated again (a second-order inner step)."""
-    global _twice
-    saved, _twice = _twice, enabled
+    token = _TWICE.set(enabled)
     try:
         yield
     finally:
-        _twice = saved
+        _TWICE.reset(token)
 
 
 def batch_norm(x: torch.Tensor, weight, bias, running_mean, running_var, momentum: float, eps: float) -> torch.Tensor:
@@ -174,7 +185,7 @@ def batch_norm(x: torch.Tensor, weight, bias, running_mean, running_var, momentu
     more per call than the native one, so forward passes whose gradient is taken once keep it
     (first-order MAML 0.95x, Reptile 0.94x with this one everywhere).
     """
-    if not _twice or x.device.type != "cpu" or weight is None or not torch.is_grad_enabled():
+    if not _TWICE.get() or x.device.type != "cpu" or weight is None or not torch.is_grad_enabled():
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     return _BatchNorm.apply(x, weight, bias, running_mean, running_var, momentum, eps)
 

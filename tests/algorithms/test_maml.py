@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metarun.algorithms import functional
-from metarun.algorithms.functional import AUTO_VMAP_MAX_IMAGES, auto_strategy
+from metarun.algorithms import task_batching
 from metarun.algorithms.maml import MAML
+from metarun.algorithms.task_batching import AUTO_VMAP_MAX_IMAGES, auto_strategy
 from metarun.data.episodes import Episode
 from metarun.errors import ConfigError
 from tests.algorithms.reference import reference_maml, tiny_backbone, tiny_mlp_tasks, tiny_tasks
@@ -118,7 +118,7 @@ def test_evaluation_is_the_same_with_either_strategy(bn_mode):
 def test_grouped_evaluation_runs_its_queries_in_sub_calls_with_the_loops_predictions(bn_mode, monkeypatch):
     """A grouped evaluation call is sized by the support images of an inner step; its query forward
     runs one task a call (channels_last on a CPU), which must not change a single logit."""
-    monkeypatch.setattr(functional, "GROUPED_IMAGES_PER_CALL", 24)  # 4 tasks of 6 support images a call
+    monkeypatch.setattr(task_batching, "GROUPED_IMAGES_PER_CALL", 24)  # 4 tasks of 6 support images a call
     data = data_for("conv4", tasks=5, queries=4)
     logits = {}
     for strategy in ("grouped", "loop"):
@@ -189,13 +189,13 @@ def test_auto_strategy_rule():
 
 def test_grouped_call_sizes_follow_the_cpus_caches_and_take_everything_on_a_gpu():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert functional.tasks_per_call(10, cpu) == functional.GROUPED_IMAGES_PER_CALL // 10
-    assert functional.tasks_per_call(functional.GROUPED_IMAGES_PER_CALL + 1, cpu) == 1
-    assert functional.tasks_per_call(10, gpu) is None and functional.tasks_per_call(100, gpu) is None
-    assert functional.tasks_per_call(10, cpu, 3 * 84 * 84) == 1  # 10 miniImageNet images are 270 Omniglot ones
-    assert functional.tasks_per_call(1, cpu, 3 * 32 * 32) == functional.GROUPED_IMAGES_PER_CALL * 784 // (3 * 1024)
+    assert task_batching.tasks_per_call(10, cpu) == task_batching.GROUPED_IMAGES_PER_CALL // 10
+    assert task_batching.tasks_per_call(task_batching.GROUPED_IMAGES_PER_CALL + 1, cpu) == 1
+    assert task_batching.tasks_per_call(10, gpu) is None and task_batching.tasks_per_call(100, gpu) is None
+    assert task_batching.tasks_per_call(10, cpu, 3 * 84 * 84) == 1  # 10 miniImageNet images are 270 Omniglot ones
+    assert task_batching.tasks_per_call(1, cpu, 3 * 32 * 32) == task_batching.GROUPED_IMAGES_PER_CALL * 784 // (3 * 1024)
     calls = []
-    out = functional.map_chunks(lambda x: calls.append(len(x)) or x * 2, (torch.arange(7),), None)
+    out = task_batching.map_chunks(lambda x: calls.append(len(x)) or x * 2, (torch.arange(7),), None)
     assert calls == [7] and out.tolist() == [2 * i for i in range(7)]
 
 

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from metarun.algorithms import functional
-from metarun.algorithms.functional import _fold_features, fold_features
+from metarun.algorithms import task_batching
+from metarun.algorithms.task_batching import _fold_features, fold_features
 from tests.algorithms.reference import tiny_backbone, tiny_tasks
 
 
@@ -29,7 +29,7 @@ def test_grouped_calls_equal_one_folded_call(bn_mode, training, monkeypatch):
     """Five tasks in grouped calls of two, two and one, against the accelerators' single folded call
     (instance norm over the tasks): features, the backbone's gradient through them, and the running
     statistics a training forward leaves behind."""
-    monkeypatch.setattr(functional, "tasks_per_call", lambda *args: 2)
+    monkeypatch.setattr(task_batching, "tasks_per_call", lambda *args: 2)
     backbone = backbone_with_stats().train(training)
     folded, initial = copy.deepcopy(backbone), [b.clone() for b in backbone.buffers()]
     xs, _, xq, _ = tiny_tasks(tasks=5)
