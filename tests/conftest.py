@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
 from metarun.config import compose
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +41,15 @@ def tiny(glyph_root) -> list[str]:
         "task.queries=5",
         "logger=none",
     ]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the timing these runs are sized for, and the same sums on any machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

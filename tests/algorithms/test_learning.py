@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from metarun.trainer import train
 
@@ -67,15 +66,6 @@ REDUCED_PRECISION = {
 CASES = [pytest.param(algo, [], id=algo) for algo in RUNS] + [
     pytest.param(algo, extra, id=f"{algo}-bf16") for algo, extra in REDUCED_PRECISION.items()
 ]
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: the timing these runs are sized for, and the same sums on any machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def held_out_accuracy(compose_config, overrides: list[str], run_dir) -> float:
