@@ -16,6 +16,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from metarun.allocator import keep_freed_memory
@@ -118,13 +119,22 @@ def run_hydra_command(command: str, argv: list[str]) -> None:
 
         from metarun.config import EvalJobConfig, TrainConfig, check_values
 
-        if HydraConfig.get().mode != RunMode.MULTIRUN:  # in a sweep, the job checks and records its own failure
+        hydra_cfg = HydraConfig.get()
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        overrides = list(hydra_cfg.overrides.task)
+        if not multirun:  # in a sweep, the job checks and records its own failure
             check_values(cfg, TrainConfig if command == "train" else EvalJobConfig)
-        if command == "train":
-            from metarun.trainer import train_task as run
-        else:
-            from metarun.evaluation import eval_task as run
-        return run(cfg)
+        if command == "eval":
+            from metarun.evaluation import eval_task
+
+            return eval_task(cfg, overrides)
+        from metarun.sweep import run_job, run_labels
+        from metarun.trainer import train
+
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        name, group = run_labels(hydra_cfg, cfg)
+        job = functools.partial(train, cfg, run_dir, run_name=name, run_group=group, overrides=overrides)
+        return run_job(job, run_dir, multirun=multirun)  # the best validation score, for sweepers
 
     modes = {MODE_FLAGS[a] for a in argv if a in MODE_FLAGS}
     if len(modes) > 1:

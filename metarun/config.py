@@ -10,6 +10,7 @@ when a run starts.
 
 from __future__ import annotations
 
+import functools
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
@@ -265,6 +266,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
 }
 
 
+@functools.cache
 def algorithm_schemas() -> dict[str, type]:
     """``{module name: Config}`` of every module under :mod:`metarun.algorithms` whose algorithm declares one.
 
@@ -284,6 +286,26 @@ def algorithm_schemas() -> dict[str, type]:
             if isinstance(value, type) and value.__module__ == module.__name__ and is_dataclass(schema):
                 schemas[info.name] = schema
     return schemas
+
+
+def algorithm_class(node: DictConfig) -> type:
+    """The algorithm class an ``algo`` node instantiates."""
+    from hydra.utils import get_class
+
+    return get_class(node._target_)
+
+
+def schema_of(node: DictConfig) -> type | None:
+    """The schema of a group's node: its own type when it was composed typed, else the one its ``_target_`` names
+    (a resumed run's saved config is untyped)."""
+    if is_dataclass(typed := OmegaConf.get_type(node)):
+        return typed
+    target = node.get("_target_")
+    if not isinstance(target, str):
+        return None
+    candidates = [s for group in schemas().values() for s in group.values() if getattr(s, "_target_", None) == target]
+    fitting = [s for s in candidates if set(node.keys()) <= {f.name for f in fields(s)}]
+    return (fitting or candidates or [None])[0]
 
 
 def schemas() -> dict[str, dict[str, type]]:
@@ -322,8 +344,8 @@ def check_values(cfg: DictConfig, schema: type, prefix: str = "") -> None:
             raise ConfigError(f"{key}={value}: must be at least {f.metadata['min']}")
         hint = hints[f.name]
         if isinstance(value, DictConfig):
-            node_schema = hint if is_dataclass(hint) else OmegaConf.get_type(value)  # Any: the option's own schema
-            if is_dataclass(node_schema):
+            node_schema = hint if is_dataclass(hint) else schema_of(value)  # Any: the option's own schema
+            if node_schema is not None:
                 check_values(value, node_schema, f"{key}.")
         elif isinstance(value, ListConfig) and typing.get_args(hint) and is_dataclass(item := typing.get_args(hint)[0]):
             for i, entry in enumerate(value):

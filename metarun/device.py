@@ -54,11 +54,15 @@ def compile_step(algorithm):
     truth value of Relational").
     """
     if not algorithm.compiles:
-        raise ConfigError(
-            "trainer.compile=true: torch.compile gets second-order meta-gradients wrong; "
-            "use algo.first_order=true (algo=fomaml) or trainer.compile=false"
-        )
+        raise refuse_compile()
     return torch.compile(algorithm.training_loss, dynamic=False)
+
+
+def refuse_compile() -> ConfigError:
+    return ConfigError(
+        "trainer.compile=true: torch.compile gets second-order meta-gradients wrong; "
+        "use algo.first_order=true (algo=fomaml) or trainer.compile=false"
+    )
 
 
 def synchronize(device: torch.device) -> None:

@@ -10,7 +10,7 @@ the per-episode scores so the comparison can be paired.
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +24,9 @@ from metarun.config import EvalConfig, check_values
 from metarun.data.episodes import Episode, check_episode, fixed_episodes
 from metarun.device import autocast
 from metarun.errors import ConfigError
+from metarun.models.norm import check_bn_mode
 from metarun.progress import progress_bar
-
-BN_MODES = ("transductive", "support", "running")
-
-
-def mean_ci95(values) -> tuple[float, float]:
-    """Mean and the half-width ``1.96 · std / sqrt(n)`` of its 95% normal interval (sample std)."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size < 2:
-        return float(v.mean()) if v.size else float("nan"), float("nan")
-    return float(v.mean()), float(1.96 * v.std(ddof=1) / math.sqrt(v.size))
+from metarun.results import mean_ci95
 
 
 def setting_seed(seed: int, ways: int, shots: int) -> int:
@@ -42,10 +34,8 @@ def setting_seed(seed: int, ways: int, shots: int) -> int:
 
 
 def resolve_bn_mode(algorithm: Algorithm, bn_mode: str | None) -> str:
-    mode = bn_mode or algorithm.default_bn_mode
-    if mode not in BN_MODES:
-        raise ConfigError(f"eval.bn_mode={mode}: valid modes are {', '.join(BN_MODES)}")
-    return mode
+    """``eval.bn_mode``, or the algorithm's documented default when it is unset."""
+    return check_bn_mode(bn_mode or algorithm.default_bn_mode)
 
 
 def eval_precision(eval_cfg: DictConfig, trainer_cfg: DictConfig | None) -> str:
@@ -58,11 +48,12 @@ def eval_precision(eval_cfg: DictConfig, trainer_cfg: DictConfig | None) -> str:
 def score_episodes(
     algorithm: Algorithm,
     sampler,
+    *,
     episodes: int,
     seed: int,
     batch_tasks: int,
     bn_mode: str,
-    desc: str = "",
+    description: str = "",
     precision: str = "fp32",
 ) -> np.ndarray:
     """Per-episode scores of ``episodes`` seeded tasks, evaluated ``batch_tasks`` at a time (under ``precision``'s autocast)."""
@@ -71,7 +62,7 @@ def score_episodes(
     algorithm.eval()
     scores = []
     try:
-        with progress_bar(total=episodes, description=desc or "eval", transient=True) as advance:
+        with progress_bar(total=episodes, description=description or "eval", transient=True) as advance:
             for start in range(0, episodes, batch_tasks):
                 episode = sampler.gather(indices[start : start + batch_tasks])
                 with autocast(episode.support_x.device, precision):
@@ -100,22 +91,21 @@ def evaluate_settings(
         scores = score_episodes(
             algorithm,
             sampler,
-            episodes,
-            setting_seed(seed, s["ways"], s["shots"]),
-            batch_tasks,
-            bn_mode,
-            f"{s['ways']}-way {s['shots']}-shot",
-            precision,
+            episodes=episodes,
+            seed=setting_seed(seed, s["ways"], s["shots"]),
+            batch_tasks=batch_tasks,
+            bn_mode=bn_mode,
+            description=f"{s['ways']}-way {s['shots']}-shot",
+            precision=precision,
         )
         mean, ci = mean_ci95(scores)
-        key = "accuracy" if algorithm.score == "accuracy" else algorithm.score
         results.append(
             {
                 "ways": s["ways"],
                 "shots": s["shots"],
                 "queries": queries,
                 "episodes": episodes,
-                key: mean,
+                algorithm.score: mean,
                 "ci95": ci,
                 "per_episode": scores.tolist(),
             }
@@ -254,22 +244,27 @@ def run_evaluation(
     run_dir: Path,
     logger=None,
     console: Console | None = None,
+    *,
+    dataset=None,
+    algorithm: Algorithm | None = None,
 ) -> list[dict]:
-    """Rebuilds the model of a checkpoint's run, evaluates it and writes ``eval.json`` into ``run_dir``."""
+    """Evaluates a checkpoint of a run and writes ``eval.json`` into ``run_dir``; the dataset and model are rebuilt
+    from the run's config unless given (the trainer passes its own, already on the device)."""
     from metarun.checkpoint import load_checkpoint, load_model_state
     from metarun.factory import build_algorithm, build_dataset, build_sampler
 
     check_values(eval_cfg, EvalConfig, "eval.")
     ckpt = load_checkpoint(checkpoint)
-    dataset = build_dataset(cfg.dataset)
-    algorithm = build_algorithm(cfg, dataset).to(device)
+    given = algorithm is not None
+    dataset = dataset if dataset is not None else build_dataset(cfg.dataset)
+    algorithm = algorithm if given else build_algorithm(cfg, dataset).to(device)
     check_settings(dataset, eval_cfg, algorithm)
     load_model_state(algorithm, ckpt["model"], ckpt["path"])
     bn_mode = resolve_bn_mode(algorithm, eval_cfg.bn_mode)
     precision = eval_precision(eval_cfg, cfg.get("trainer"))
     channels_last = bool(cfg.get("trainer", {}).get("channels_last", False))
     fused = bool(cfg.get("trainer", {}).get("fused_sampling", False))
-    if channels_last:
+    if channels_last and not given:
         algorithm = algorithm.to(memory_format=torch.channels_last)
     console = console or Console()
     if eval_cfg.protocol == "omniglot_runs":
@@ -282,8 +277,8 @@ def run_evaluation(
 
         def make_sampler(ways, shots, queries):
             return build_sampler(
-                dataset, eval_cfg.split, ways, shots, queries, 0, device, channels_last=channels_last, fused=fused,
-                precision=precision,
+                dataset, eval_cfg.split, ways=ways, shots=shots, queries=queries, seed=0, device=device,
+                channels_last=channels_last, fused=fused, precision=precision,
             )  # fmt: skip
 
         results = evaluate_settings(
@@ -308,19 +303,17 @@ def run_evaluation(
     return results
 
 
-def run_eval_config(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
+def run_eval_config(run_cfg: DictConfig, cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
     """The run's own ``eval`` settings with the command line's ``eval.*`` overrides on top.
 
     So ``metarun eval checkpoint=RUN`` repeats exactly the evaluation that
     training ended with (settings, episodes, seed, bn_mode), and
-    ``eval.episodes=100`` changes only that.
+    ``eval.episodes=100`` changes only that (``overrides``: the ones the user typed).
     """
-    from hydra.core.hydra_config import HydraConfig
-
-    if "eval" not in run_cfg or not HydraConfig.initialized():
+    if "eval" not in run_cfg:
         return cfg.eval
     merged = OmegaConf.merge(OmegaConf.structured(EvalConfig), run_cfg.eval)
-    for override in HydraConfig.get().overrides.task:
+    for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "eval":
             merged = cfg.eval
@@ -329,8 +322,8 @@ def run_eval_config(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
     return merged
 
 
-def eval_task(cfg: DictConfig) -> float:
-    """``metarun eval checkpoint=<run folder or .pt>``."""
+def eval_task(cfg: DictConfig, overrides: Sequence[str] = ()) -> float:
+    """``metarun eval checkpoint=<run folder or .pt>``; ``overrides``: the ones the user typed."""
     from metarun.checkpoint import load_checkpoint
     from metarun.device import resolve_device
     from metarun.loggers import build_logger
@@ -340,7 +333,7 @@ def eval_task(cfg: DictConfig) -> float:
     device = resolve_device(cfg.device.type)
     path = ckpt["path"]
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    eval_cfg = run_eval_config(run_cfg, cfg)
+    eval_cfg = run_eval_config(run_cfg, cfg, overrides)
     logger = build_logger(cfg.logger, run_dir, OmegaConf.merge(run_cfg, cfg, {"eval": eval_cfg}), job_type="eval")
     try:
         results = run_evaluation(run_cfg, eval_cfg, path, device, run_dir, logger)

@@ -48,6 +48,7 @@ def data_device(dataset: FewShotDataset, device: torch.device, on_device: str) -
 def build_sampler(
     dataset: FewShotDataset,
     split: str,
+    *,
     ways: int,
     shots: int,
     queries: int,

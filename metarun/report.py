@@ -22,8 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from metarun.errors import ConfigError
-from metarun.evaluation import mean_ci95
-from metarun.results import PERCENT, higher_is_better, per_item, scaled, score_key, setting_name
+from metarun.results import PERCENT, higher_is_better, mean_ci95, per_item, scaled, score_key, setting_name
 from metarun.sweep import FAILURE_FILE, folder_label, natural_key, read_overrides, short, varying_keys
 
 BEST = "★"

@@ -9,6 +9,10 @@ column mean the same thing.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 #: result keys that describe a setting or hold raw scores, never the score itself
 SETTING_KEYS = ("ways", "shots", "queries", "episodes", "runs", "ci95", "per_episode", "per_run")
 #: scores shown in percent
@@ -21,6 +25,19 @@ def score_key(result: dict) -> str:
 
 def higher_is_better(key: str) -> bool:
     return key == "accuracy"
+
+
+def better(key: str, a: float, b: float) -> bool:
+    """Whether score ``a`` beats ``b`` for the score named ``key``."""
+    return a > b if higher_is_better(key) else a < b
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and the half-width ``1.96 · std / sqrt(n)`` of its 95% normal interval (sample std)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        return float(v.mean()) if v.size else float("nan"), float("nan")
+    return float(v.mean()), float(1.96 * v.std(ddof=1) / math.sqrt(v.size))
 
 
 def setting_name(result: dict, protocol: str) -> str:

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -71,13 +70,13 @@ def error_line(ex: BaseException) -> str:
     return describe(ex)[0]
 
 
-def run_job(job: Callable[[], Any], run_dir: Path) -> Any:
+def run_job(job: Callable[[], Any], run_dir: Path, *, multirun: bool) -> Any:
     """Runs one job; in a multirun a failure is recorded and the job returns None instead of raising.
 
     None rather than NaN: the Optuna sweeper fails a trial cleanly on a value
     that is not a float, but crashes the whole study on NaN.
     """
-    if HydraConfig.get().mode != RunMode.MULTIRUN:
+    if not multirun:
         return job()
     try:
         return job()

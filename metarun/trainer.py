@@ -1,23 +1,30 @@
 """The meta-training recipe: ``metarun train``.
 
-Read top to bottom: build data, model and optimiser from the config; restore a
-checkpoint when resuming; then the loop — sample a meta-batch on the device,
-compute the algorithm's loss, back-propagate, average gradients across
-processes, step; log, validate and checkpoint at their intervals; finally
-evaluate the best checkpoint on the test split. Metrics stay on the device
-between log steps, so a step never waits for the host.
+:func:`train` reads as its four steps:
+
+1. :func:`setup_run` - check the config, build data, model and optimiser, restore a checkpoint when resuming;
+2. :func:`train_step` - sample a meta-batch on the device, compute the algorithm's loss, back-propagate,
+   average gradients across processes, clip, step (the NaN policy decides about non-finite losses);
+3. :func:`validate` - score the validation episodes, keep the best and the last checkpoint;
+4. :func:`finish` - evaluate the best checkpoint on the test split and print the summary.
+
+Metrics stay on the device between log rows (:class:`MetricWindow`), so a step never waits for the host.
+``metarun bench`` times the same :func:`train_step` on a :class:`Step` built by :func:`build_step`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.table import Table
 
+from metarun.algorithms.base import Algorithm
 from metarun.checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -26,10 +33,12 @@ from metarun.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from metarun.config import TrainConfig, check_values
-from metarun.data.episodes import check_episode
-from metarun.device import autocast, compile_step, resolve_device
+from metarun.config import TrainConfig, algorithm_class, check_values
+from metarun.data.episodes import EpisodeSampler, check_episode
+from metarun.data.split import FewShotDataset
+from metarun.device import autocast, compile_step, refuse_compile, resolve_device
 from metarun.distributed import (
+    Topology,
     average,
     average_gradients,
     check_divisible,
@@ -40,34 +49,274 @@ from metarun.distributed import (
     shutdown,
 )
 from metarun.errors import ConfigError, MetarunError
-from metarun.evaluation import check_settings, eval_precision, mean_ci95, resolve_bn_mode, run_evaluation, score_episodes
+from metarun.evaluation import check_settings, eval_precision, resolve_bn_mode, run_evaluation, score_episodes
 from metarun.factory import build_algorithm, build_dataset, build_optimizer, build_sampler, build_scheduler, data_device
 from metarun.interrupt import StopRequest
 from metarun.loggers import build_logger
 from metarun.progress import console
-from metarun.sweep import run_job, run_labels
+from metarun.results import better, mean_ci95
 from metarun.training_progress import TrainingProgress
 
 
-def train_task(cfg: DictConfig) -> float | None:
-    """Hydra's task function: returns the best validation score (for sweepers); None for a failed sweep job."""
-    hydra = HydraConfig.get()
-    run_dir = Path(hydra.runtime.output_dir)
-    name, group = run_labels(hydra, cfg)
-    return run_job(lambda: train(cfg, run_dir, name, group), run_dir)
+# -- the metrics of one log row -----------------------------------------------------------------
+class MetricWindow:
+    """Sums of the step metrics since the last log row, on the device, and the steps and time they took.
+
+    Time spent validating is not training time: :meth:`paused` leaves it out of ``steps_per_s``.
+    Checkpoints carry the window (:meth:`state_dict`), so a resumed run writes the rows the uninterrupted
+    one would.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.last_finite = torch.zeros((), device=device)  # the last finite loss (NaN policy ``stop``)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0  # steps whose metrics were added
+        self.skipped = 0  # steps skipped for a non-finite loss
+        self.taken = 0  # steps run (added or skipped) since the row started, for steps_per_s
+        self.seconds = 0.0  # training time of those steps, validation excluded
+        self.started = time.perf_counter()
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        self.steps += 1
+        self.taken += 1
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + v.float()
+
+    def skip(self) -> None:
+        self.skipped += 1
+        self.taken += 1
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time inside does not count as training time."""
+        self.seconds += time.perf_counter() - self.started
+        try:
+            yield
+        finally:
+            self.started = time.perf_counter()
+
+    def row(self, world: int, lr: float) -> dict[str, float]:
+        """The log row (averaged over processes: rank 0 logs the whole meta-batch's metrics)."""
+        average(list(self.sums.values()), world)
+        row = {k: float(v) / max(self.steps, 1) for k, v in self.sums.items()}
+        if self.skipped:
+            row["skipped_steps"] = self.skipped
+        seconds = self.seconds + time.perf_counter() - self.started
+        return row | {"lr": lr, "steps_per_s": self.taken / max(seconds, 1e-9)}
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums, "steps": self.steps, "skipped": self.skipped, "last_finite": self.last_finite}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
+        self.steps, self.skipped = state["steps"], state["skipped"]
+        self.last_finite = state["last_finite"].to(self.device)
 
 
-def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group: str | None = None) -> float:
-    # -- resume: the saved config and run folder replace this job's ----------------
+# -- one meta-training step ---------------------------------------------------------------------------
+@dataclass
+class Step:
+    """Everything one meta-training step touches; built by :func:`build_step`, run by :func:`train_step`."""
+
+    algorithm: Algorithm
+    sampler: EpisodeSampler
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    meta_batch: int
+    precision: str
+    grad_clip: float
+    nan_policy: str
+    topo: Topology = field(default_factory=Topology)
+    compiled: bool = False
+    #: steps taken so far
+    number: int = 0
+
+    def __post_init__(self) -> None:
+        self.device = next(self.algorithm.parameters()).device
+        self.loss_fn = compile_step(self.algorithm) if self.compiled else self.algorithm.training_loss
+        self.params = [p for p in self.algorithm.parameters() if p.requires_grad]
+        self.running_stats = [b for b in self.algorithm.buffers() if b.is_floating_point()]
+        self.window = MetricWindow(self.device)
+        #: the first step whose loss was not finite (0: none), on the device: checked where the host waits anyway
+        self.bad_step = torch.zeros((), dtype=torch.long, device=self.device)
+
+
+def build_step(
+    cfg: DictConfig, dataset: FewShotDataset, algorithm: Algorithm, *, topo: Topology | None = None, where=None
+) -> Step:
+    """The step of ``cfg``'s recipe for ``algorithm`` (already on its device) on ``dataset``'s training split."""
+    t, tr = cfg.task, cfg.trainer
+    device = next(algorithm.parameters()).device
+    optimizer = build_optimizer(algorithm, tr.optimizer, tr.lr, tr.weight_decay)
+    sampler = build_sampler(
+        dataset, "train", ways=t.ways, shots=t.shots, queries=t.queries, seed=tr.seed, device=device,
+        augment=cfg.dataset.get("augment", False), channels_last=tr.channels_last, data_device=where,
+        fused=tr.get("fused_sampling", False), precision=tr.precision,
+    )  # fmt: skip
+    return Step(
+        algorithm=algorithm,
+        sampler=sampler,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, tr.schedule, tr.steps),
+        scaler=torch.amp.GradScaler(device.type, enabled=tr.precision == "fp16"),
+        meta_batch=t.meta_batch,
+        precision=tr.precision,
+        grad_clip=tr.grad_clip,
+        nan_policy=tr.nan_policy,
+        topo=topo or Topology(),
+        compiled=tr.compile,
+    )
+
+
+def train_step(step: Step) -> None:
+    """Sample, loss, backward, all-reduce, clip, optimiser and schedule step; a non-finite loss follows the NaN policy."""
+    batch = step.algorithm.sample_batch(step.sampler, step.meta_batch, step.topo.shard)
+    with autocast(step.device, step.precision):
+        loss, metrics = step.loss_fn(batch)
+    finite = torch.isfinite(loss.detach())
+    if step.nan_policy == "skip" and not bool(on_every_rank(finite, step.topo.world)):  # the one host sync skipping costs
+        step.window.skip()
+    else:
+        step.optimizer.zero_grad(set_to_none=True)
+        step.scaler.scale(loss).backward()
+        average_gradients(step.params, step.topo.world, step.running_stats)
+        if step.grad_clip > 0:
+            step.scaler.unscale_(step.optimizer)
+            torch.nn.utils.clip_grad_norm_(step.params, step.grad_clip)
+        step.scaler.step(step.optimizer)
+        step.scaler.update()
+        step.window.add(metrics)
+    step.scheduler.step()  # also on a skipped step: the schedule follows the step count
+    step.number += 1
+    if step.nan_policy == "stop":
+        step.bad_step = torch.where(finite | (step.bad_step > 0), step.bad_step, step.number)
+        step.window.last_finite = torch.where(step.bad_step > 0, step.window.last_finite, loss.detach().float())
+
+
+# -- the run ------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A meta-training run: its config and folder, data, the training step, validation and checkpoint state."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    topo: Topology
+    dataset: FewShotDataset
+    step: Step
+    val_sampler: EpisodeSampler
+    bn_mode: str
+    val_precision: str
+    logger: object | None
+    best: float | None = None
+    saved_step: int | None = None
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return self.step.algorithm
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def due(self, every: int) -> bool:
+        return self.step.number % every == 0 or self.step.number == self.cfg.trainer.steps
+
+    def checkpoint(self, name: str) -> None:
+        if not self.topo.is_main:
+            return
+        s = self.step
+        save_checkpoint(
+            self.ckpt_dir / name,
+            model=self.algorithm.state_dict(),
+            optimizer=s.optimizer.state_dict(),
+            scheduler=s.scheduler.state_dict(),
+            scaler=s.scaler.state_dict(),
+            sampler=s.sampler.state_dict(),
+            step=s.number,
+            best=self.best,
+            mean=list(getattr(self.dataset, "mean", ())),
+            std=list(getattr(self.dataset, "std", ())),
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+            window=s.window.state_dict(),
+        )
+        if name == "last.pt":
+            self.saved_step = s.number
+
+    def stop_if_not_finite(self) -> None:
+        """Called where the host waits anyway (log rows, validation, checkpoints), so a step never waits for it."""
+        if self.step.nan_policy != "stop" or not int(self.step.bad_step):
+            return
+        kept = (
+            f"{self.ckpt_dir / 'last.pt'} from step {self.saved_step} is the last good checkpoint"
+            if self.saved_step is not None
+            else "no checkpoint was written before it"
+        )
+        raise MetarunError(
+            f"loss is not finite at step {int(self.step.bad_step)} (last finite loss "
+            f"{float(self.step.window.last_finite):.4g}); {kept}: lower trainer.lr, or set trainer.nan_policy=skip to skip such steps"
+        )
+
+    def stop_signal(self, stop: StopRequest) -> int:
+        """The signal that asked any process to stop (0: none), the same on every rank."""
+        return int(largest(torch.tensor(stop.signal or 0, device=self.device), self.topo.world))
+
+    def stop_now(self, stop: StopRequest) -> bool:
+        """One process stops as soon as it is asked; several agree at log steps, so they all stop at the same step."""
+        if self.topo.world == 1:
+            return stop.requested
+        return self.step.number % self.cfg.trainer.log_every == 0 and self.stop_signal(stop) > 0
+
+
+def train(
+    cfg: DictConfig,
+    run_dir: Path,
+    *,
+    run_name: str | None = None,
+    run_group: str | None = None,
+    overrides: Sequence[str] = (),
+) -> float:
+    """Meta-trains ``cfg`` into ``run_dir`` and returns the best validation score. ``overrides`` are the ones the
+    user typed: a resumed run refuses those that would change its saved config."""
+    run = setup_run(cfg, run_dir, overrides=overrides, run_name=run_name, run_group=run_group)
+    with (
+        StopRequest() as stop,
+        TrainingProgress(run.cfg.trainer.steps, run.step.number, enabled=run.cfg.trainer.progress and run.topo.is_main) as bar,
+    ):
+        while run.step.number < run.cfg.trainer.steps and not run.stop_now(stop):
+            train_step(run.step)
+            if run.due(run.cfg.trainer.log_every):
+                log_row(run, bar)
+            if run.due(run.cfg.trainer.val_every):
+                with run.step.window.paused():
+                    validate(run, bar)
+    if signum := run.stop_signal(stop):
+        interrupted(run, signum)
+    return finish(run)
+
+
+def setup_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    *,
+    overrides: Sequence[str] = (),
+    run_name: str | None = None,
+    run_group: str | None = None,
+) -> Run:
+    """Everything a run needs, built from its config; restored from ``cfg.resume``'s last checkpoint when set."""
     resume = None
     if cfg.resume:
         resume = load_checkpoint(cfg.resume, prefer="last.pt")
-        cfg = resumed_config(cfg, resume["config"])
+        cfg = resumed_config(cfg, resume["config"], overrides)
         run_dir = resume["path"].parent.parent
-    check_values(cfg, TrainConfig)
+    check_config(cfg)
     t, tr = cfg.task, cfg.trainer
 
-    # -- build everything ----------------------------------------------------
     device = resolve_device(cfg.device.type)
     topo, device = init_distributed(device)
     run_dir = Path(from_main(str(run_dir), topo.world))
@@ -87,198 +336,120 @@ def train(cfg: DictConfig, run_dir: Path, run_name: str | None = None, run_group
         check_settings(dataset, cfg.eval, algorithm)
     if tr.channels_last:
         algorithm = algorithm.to(memory_format=torch.channels_last)
-    bn_mode = resolve_bn_mode(algorithm, cfg.eval.bn_mode)
-    augment, fused = cfg.dataset.get("augment", False), tr.get("fused_sampling", False)  # (runs saved before the key)
+    step = build_step(cfg, dataset, algorithm, topo=topo, where=where)
     val_precision = eval_precision(cfg.eval, tr)
-    train_sampler = build_sampler(
-        dataset, "train", t.ways, t.shots, t.queries, tr.seed, device, augment, tr.channels_last, where, fused, tr.precision
-    )
     val_sampler = build_sampler(
-        dataset, "val", t.ways, t.shots, cfg.eval.queries, tr.seed, device, False, tr.channels_last, where, fused, val_precision
-    )
-    optimizer = build_optimizer(algorithm, tr.optimizer, tr.lr, tr.weight_decay)
-    scheduler = build_scheduler(optimizer, tr.schedule, tr.steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=tr.precision == "fp16")
-    loss_fn = compile_step(algorithm) if tr.compile else algorithm.training_loss
-    params = [p for p in algorithm.parameters() if p.requires_grad]
-    running_stats = [b for b in algorithm.buffers() if b.is_floating_point()]
-    step, best, saved_step = 0, None, None
-    # metrics since the last log row; checkpoints carry them, so a resumed run writes the rows the uninterrupted one would
-    window: dict = {"sums": {}, "steps": 0, "skipped": 0, "last_finite": torch.zeros((), device=device)}
+        dataset, "val", ways=t.ways, shots=t.shots, queries=cfg.eval.queries, seed=tr.seed, device=device,
+        channels_last=tr.channels_last, data_device=where, fused=tr.get("fused_sampling", False), precision=val_precision,
+    )  # fmt: skip
+    best = saved_step = None
     if resume is not None:
         load_model_state(algorithm, resume["model"], resume["path"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        train_sampler.load_state_dict(resume["sampler"])
+        step.optimizer.load_state_dict(resume["optimizer"])
+        step.scheduler.load_state_dict(resume["scheduler"])
+        step.scaler.load_state_dict(resume["scaler"])
+        step.sampler.load_state_dict(resume["sampler"])
         set_rng_state(resume["rng"])
-        step, best, saved_step = resume["step"], resume["best"], resume["step"]
-        saved = resume.get("window", window)  # a checkpoint from before windows were saved starts a new one
-        window = {
-            **saved,
-            "sums": {k: v.to(device) for k, v in saved["sums"].items()},
-            "last_finite": saved["last_finite"].to(device),
-        }
-    ckpt_dir = run_dir / "checkpoints"
-    logger = (
-        build_logger(cfg.logger, run_dir, cfg, resume_step=step if resume else None, name=run_name, group=run_group)
-        if topo.is_main
-        else None
-    )
-    better = (lambda a, b: a > b) if algorithm.score == "accuracy" else (lambda a, b: a < b)
-
-    def checkpoint(name: str) -> None:
-        nonlocal saved_step
-        if topo.is_main:
-            save_checkpoint(
-                ckpt_dir / name,
-                model=algorithm.state_dict(),
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(),
-                sampler=train_sampler.state_dict(),
-                step=step,
-                best=best,
-                mean=list(getattr(dataset, "mean", ())),
-                std=list(getattr(dataset, "std", ())),
-                config=OmegaConf.to_container(cfg, resolve=True),
-                window=window,
-            )
-            saved_step = step if name == "last.pt" else saved_step
-
-    def stop_if_not_finite() -> None:
-        """Called where the host waits anyway (log rows, validation, checkpoints), so a step never waits for it."""
-        if tr.nan_policy == "stop" and int(bad_step):
-            kept = (
-                f"{ckpt_dir / 'last.pt'} from step {saved_step} is the last good checkpoint"
-                if saved_step is not None
-                else "no checkpoint was written before it"
-            )
-            raise MetarunError(
-                f"loss is not finite at step {int(bad_step)} (last finite loss {float(window['last_finite']):.4g}); {kept}: "
-                "lower trainer.lr, or set trainer.nan_policy=skip to skip such steps"
-            )
-
-    # -- the loop ------------------------------------------------------------------
+        step.number, best, saved_step = resume["step"], resume["best"], resume["step"]
+        if "window" in resume:  # a checkpoint from before windows were saved starts a new one
+            step.window.load_state_dict(resume["window"])
+    logger = None
+    if topo.is_main:
+        logger = build_logger(
+            cfg.logger, run_dir, cfg, resume_step=step.number if resume else None, name=run_name, group=run_group
+        )
+    run = Run(cfg, run_dir, device, topo, dataset, step, val_sampler, resolve_bn_mode(algorithm, cfg.eval.bn_mode),
+              val_precision, logger, best, saved_step)  # fmt: skip
     if topo.is_main:
         console.print(
-            f"[bold]metarun train[/] → {run_dir}  ({algorithm.__class__.__name__}, {dataset.name}, {device}, {topo.world} process(es), eval.bn_mode={bn_mode})",
+            f"[bold]metarun train[/] → {run_dir}  ({type(algorithm).__name__}, {dataset.name}, {device}, "
+            f"{topo.world} process(es), eval.bn_mode={run.bn_mode})",
             soft_wrap=True,
         )
+    return run
 
-    def stop_signal() -> int:
-        """The signal that asked any process to stop (0: none), the same on every rank."""
-        return int(largest(torch.tensor(stop.signal or 0, device=device), topo.world))
 
-    def stop_now() -> bool:
-        """One process stops as soon as it is asked; several agree at log steps, so they all stop at the same step."""
-        if topo.world == 1:
-            return stop.requested
-        return step % tr.log_every == 0 and stop_signal() > 0
+def check_config(cfg: DictConfig) -> None:
+    """What can be refused before any data are loaded: ranges, choices, keys, and settings the algorithm cannot run."""
+    check_values(cfg, TrainConfig)
+    if cfg.trainer.compile and not algorithm_class(cfg.algo).compiles_with(cfg.algo):
+        raise refuse_compile()
 
-    bad_step = torch.zeros((), dtype=torch.long, device=device)  # the first step whose loss was not finite (0: none)
-    window_start, window_done = time.perf_counter(), 0
-    with StopRequest() as stop, TrainingProgress(tr.steps, step, enabled=tr.progress and topo.is_main) as bar:
-        while step < tr.steps and not stop_now():
-            batch = algorithm.sample_batch(train_sampler, t.meta_batch, topo.shard)
-            with autocast(device, tr.precision):
-                loss, metrics = loss_fn(batch)
-            finite = torch.isfinite(loss.detach())
-            if tr.nan_policy == "skip" and not bool(
-                on_every_rank(finite, topo.world)
-            ):  # the one host sync per step that skipping costs
-                window["skipped"] += 1
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                average_gradients(params, topo.world, running_stats)
-                if tr.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, tr.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                window["steps"] += 1
-                for k, v in metrics.items():
-                    window["sums"][k] = window["sums"].get(k, 0) + v.float()
-            scheduler.step()  # also on a skipped step: the schedule follows the step count
-            step += 1
-            window_done += 1
-            if tr.nan_policy == "stop":
-                bad_step = torch.where(finite | (bad_step > 0), bad_step, step)
-                window["last_finite"] = torch.where(bad_step > 0, window["last_finite"], loss.detach().float())
 
-            if step % tr.log_every == 0 or step == tr.steps:
-                stop_if_not_finite()
-                average(list(window["sums"].values()), topo.world)  # rank 0 logs the whole meta-batch's metrics
-                row = {k: float(v) / window["steps"] for k, v in window["sums"].items()}
-                if window["skipped"]:
-                    row["skipped_steps"] = window["skipped"]
-                elapsed = time.perf_counter() - window_start
-                row |= {"lr": scheduler.get_last_lr()[0], "steps_per_s": window_done / max(elapsed, 1e-9)}
-                if logger:
-                    logger.log(step, row)
-                bar.update(step, row)
-                window |= {"sums": {}, "steps": 0, "skipped": 0}
-                window_start, window_done = time.perf_counter(), 0
+def log_row(run: Run, bar: TrainingProgress) -> None:
+    run.stop_if_not_finite()
+    row = run.step.window.row(run.topo.world, run.step.scheduler.get_last_lr()[0])
+    if run.logger:
+        run.logger.log(run.step.number, row)
+    bar.update(run.step.number, row)
+    run.step.window.reset()
 
-            if step % tr.val_every == 0 or step == tr.steps:
-                stop_if_not_finite()
-                if topo.is_main:
-                    scores = score_episodes(
-                        algorithm,
-                        val_sampler,
-                        tr.val_episodes,
-                        cfg.eval.seed + 1,
-                        cfg.eval.batch_tasks,
-                        bn_mode,
-                        "validation",
-                        val_precision,
-                    )
-                    val, ci = mean_ci95(scores)
-                    is_best = best is None or better(val, best)
-                    best = val if is_best else best
-                    logger.log(step, {f"val/{algorithm.score}": val, f"val/{algorithm.score}_ci95": ci, "val/best": best})
-                    bar.validation(step, algorithm.score, val, best)
-                    if is_best:
-                        checkpoint("best.pt")
-                        logger.log_checkpoint(ckpt_dir / "best.pt")
-                    checkpoint("last.pt")
-                    if tr.keep_checkpoints > 0:
-                        checkpoint(f"step-{step}.pt")
-                        prune_checkpoints(ckpt_dir, tr.keep_checkpoints)
-                window_start = time.perf_counter()
 
-    # -- interrupted: keep everything, say how to continue --------------------------
-    signum = stop_signal()
-    if signum:
-        stop_if_not_finite()
-        checkpoint("last.pt")
-        if logger:
-            logger.close()
-        if topo.is_main:
-            console.print(
-                f"interrupted at step {step}/{tr.steps}; resume with: metarun train resume={run_dir}",
-                soft_wrap=True,
-                markup=False,
-                highlight=False,
-            )
-        shutdown()
-        raise SystemExit(128 + signum)
+def validate(run: Run, bar: TrainingProgress) -> None:
+    """Scores the validation episodes on rank 0; keeps best.pt, last.pt and the step-numbered checkpoints."""
+    run.stop_if_not_finite()
+    if not run.topo.is_main:
+        return
+    cfg, algorithm, step = run.cfg, run.algorithm, run.step.number
+    scores = score_episodes(
+        algorithm,
+        run.val_sampler,
+        episodes=cfg.trainer.val_episodes,
+        seed=cfg.eval.seed + 1,
+        batch_tasks=cfg.eval.batch_tasks,
+        bn_mode=run.bn_mode,
+        description="validation",
+        precision=run.val_precision,
+    )
+    val, ci = mean_ci95(scores)
+    is_best = run.best is None or better(algorithm.score, val, run.best)
+    run.best = val if is_best else run.best
+    run.logger.log(step, {f"val/{algorithm.score}": val, f"val/{algorithm.score}_ci95": ci, "val/best": run.best})
+    bar.validation(step, algorithm.score, val, run.best)
+    if is_best:
+        run.checkpoint("best.pt")
+        run.logger.log_checkpoint(run.ckpt_dir / "best.pt")
+    run.checkpoint("last.pt")
+    if cfg.trainer.keep_checkpoints > 0:
+        run.checkpoint(f"step-{step}.pt")
+        prune_checkpoints(run.ckpt_dir, cfg.trainer.keep_checkpoints)
 
-    # -- final evaluation of the best checkpoint ---------------------------------------
-    if topo.is_main and best is None:
-        checkpoint("best.pt")
-    results = []
-    if topo.is_main and cfg.eval.after_train:
-        results = run_evaluation(cfg, cfg.eval, ckpt_dir / "best.pt", device, run_dir, logger, console)
-    if topo.is_main:
-        console.print(summary_table(run_dir, step, best, algorithm.score, results))
-        logger.close()
+
+def interrupted(run: Run, signum: int) -> None:
+    """Stopped by a signal: keep everything, say how to continue, exit with 128 + the signal."""
+    run.stop_if_not_finite()
+    run.checkpoint("last.pt")
+    if run.logger:
+        run.logger.close()
+    if run.topo.is_main:
+        console.print(
+            f"interrupted at step {run.step.number}/{run.cfg.trainer.steps}; resume with: metarun train resume={run.run_dir}",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
     shutdown()
-    return float(best) if best is not None else float("nan")
+    raise SystemExit(128 + signum)
 
 
-def resumed_config(cfg: DictConfig, saved: dict) -> DictConfig:
+def finish(run: Run) -> float:
+    """Evaluates the best checkpoint on the test split (with the run's own dataset and model) and prints the summary."""
+    if run.topo.is_main and run.best is None:
+        run.checkpoint("best.pt")
+    results = []
+    if run.topo.is_main and run.cfg.eval.after_train:
+        results = run_evaluation(
+            run.cfg, run.cfg.eval, run.ckpt_dir / "best.pt", run.device, run.run_dir, run.logger, console,
+            dataset=run.dataset, algorithm=run.algorithm,
+        )  # fmt: skip
+    if run.topo.is_main:
+        console.print(summary_table(run.run_dir, run.step.number, run.best, run.algorithm.score, results))
+        run.logger.close()
+    shutdown()
+    return float(run.best) if run.best is not None else float("nan")
+
+
+def resumed_config(cfg: DictConfig, saved: dict, overrides: Sequence[str] = ()) -> DictConfig:
     """The saved config of the run to continue.
 
     Only that config reproduces the uninterrupted run, so an override on the
@@ -286,9 +457,8 @@ def resumed_config(cfg: DictConfig, saved: dict) -> DictConfig:
     (repeating the run's own overrides, as a requeued job script does, is fine).
     """
     run = OmegaConf.create(saved)
-    typed = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     changed = []
-    for text in typed:
+    for text in overrides:
         key = text.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
         if key == "resume":
             continue

@@ -37,7 +37,7 @@ def main() -> None:
     algorithm = build_algorithm(cfg, dataset)
     load_model_state(algorithm, ckpt["model"], ckpt["path"])
     algorithm.eval()
-    sampler = build_sampler(dataset, "test", 1, cfg.task.shots, 1, seed=args.seed, device=torch.device("cpu"))
+    sampler = build_sampler(dataset, "test", ways=1, shots=cfg.task.shots, queries=1, seed=args.seed, device=torch.device("cpu"))
     tasks = sampler.sample_indices(args.tasks)
     episode, amplitude, phase = sampler.gather(tasks), tasks.amplitude, tasks.phase
     grid = torch.linspace(-5, 5, 200).unsqueeze(-1)

@@ -7,7 +7,8 @@ import torch
 from omegaconf import OmegaConf
 
 from metarun.data.sinusoid import Sinusoid
-from metarun.evaluation import eval_precision, mean_ci95, score_episodes, setting_seed
+from metarun.evaluation import eval_precision, score_episodes, setting_seed
+from metarun.results import mean_ci95
 from tests.conftest import run_cli
 
 
@@ -91,7 +92,7 @@ class AutocastProbe(torch.nn.Module):
 @pytest.mark.parametrize(("precision", "dtype"), [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_episodes_are_scored_under_the_precisions_autocast(precision, dtype):
     sampler = Sinusoid().sampler("test", ways=1, shots=5, queries=5, seed=0, device="cpu")
-    scores = score_episodes(AutocastProbe(dtype), sampler, 5, seed=1, batch_tasks=2, bn_mode="transductive", precision=precision)
+    scores = score_episodes(AutocastProbe(dtype), sampler, episodes=5, seed=1, batch_tasks=2, bn_mode="transductive", precision=precision)
     assert scores.tolist() == [1.0] * 5
 
 

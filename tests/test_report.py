@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from metarun.errors import ConfigError
-from metarun.evaluation import mean_ci95
 from metarun.report import BEST, chart, compare, find_runs, main
+from metarun.results import mean_ci95
 from tests.conftest import run_cli
 
 RNG = np.random.default_rng(0)

@@ -167,6 +167,6 @@ def test_episodes_are_sampled_on_the_gpu(glyph_root, tiny):
     from metarun.data.glyphs import load
 
     dataset = load(root=str(glyph_root), num_classes=80, val_classes=15, test_classes=20)
-    sampler = build_sampler(dataset, "train", 5, 1, 5, 0, torch.device("cuda"))
+    sampler = build_sampler(dataset, "train", ways=5, shots=1, queries=5, seed=0, device=torch.device("cuda"))
     episode = sampler.sample(4)
     assert episode.support_x.is_cuda and episode.query_y.is_cuda

@@ -24,8 +24,18 @@ class Algorithm(nn.Module):
     default_bn_mode: str = "transductive"
     #: whether episodes must have ``ways`` classes (a meta-learned head); else any number is served
     fixed_ways: bool = False
-    #: whether ``torch.compile`` computes the meta-step right (see :func:`metarun.device.compile_step`)
-    compiles: bool = True
+    #: the schema of ``algo.*`` (a dataclass declared in the algorithm's module; :func:`metarun.config.algorithm_schemas`)
+    Config: type | None = None
+
+    @classmethod
+    def compiles_with(cls, options) -> bool:
+        """Whether ``torch.compile`` computes the meta-step right with these ``algo.*`` options
+        (:func:`metarun.device.compile_step`); asked while checking the config, before any data are loaded."""
+        return True
+
+    @property
+    def compiles(self) -> bool:
+        return self.compiles_with({})
 
     def __init__(self, backbone: nn.Module, ways: int) -> None:
         super().__init__()

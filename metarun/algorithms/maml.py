@@ -74,11 +74,15 @@ class MAML(FunctionalLearner):
         self.inner_lr, self.inner_steps, self.inner_steps_eval = inner_lr, inner_steps, inner_steps_eval
         self.first_order = first_order
 
-    @property
-    def compiles(self) -> bool:
+    @classmethod
+    def compiles_with(cls, options) -> bool:
         """Compiled second-order meta-gradients through the backbone came out wrong; ANIL's through its head
         alone matched the eager ones (1e-5), and so did first-order ones."""
-        return self.first_order or not self.adapts_backbone
+        return bool(options.get("first_order", False)) or not cls.adapts_backbone
+
+    @property
+    def compiles(self) -> bool:
+        return self.compiles_with({"first_order": self.first_order})
 
     # -- what differs between MAML, ANIL and Meta-SGD ------------------------------------
     def inner_lrs(self, meta_params: Params) -> Params | float:

@@ -74,6 +74,10 @@ class Reptile(MAML):
     Config = ReptileConfig
     default_bn_mode = "transductive"  # the paper's headline numbers are transductive
 
+    @classmethod
+    def compiles_with(cls, options) -> bool:
+        return True  # first order: it never differentiates through its inner steps
+
     def __init__(
         self,
         backbone,

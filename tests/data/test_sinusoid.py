@@ -69,7 +69,7 @@ def test_ways_other_than_one_is_a_config_error():
 def test_the_yaml_builds_the_dataset_and_the_factory_asks_it_for_samplers():
     dataset = build_dataset(dataset_config("sinusoid"))
     assert dataset.name == "sinusoid" and dataset.image_shape == (1,) and dataset.task_kind == "regression"
-    s = build_sampler(dataset, "test", 1, 5, 3, seed=0, device=torch.device("cpu"))
+    s = build_sampler(dataset, "test", ways=1, shots=5, queries=3, seed=0, device=torch.device("cpu"))
     assert s.sample(2).support_x.shape == (2, 5, 1)
     assert load().amplitude == (0.1, 5.0)
 
@@ -81,6 +81,6 @@ def test_score_episodes_runs_on_generated_tasks():
         def evaluate(self, episode, bn_mode):
             return episode.query_y.pow(2).mean((1, 2))
 
-    scores = score_episodes(Zero(), sampler(queries=50), 40, seed=1, batch_tasks=16, bn_mode="transductive")
+    scores = score_episodes(Zero(), sampler(queries=50), episodes=40, seed=1, batch_tasks=16, bn_mode="transductive")
     assert scores.shape == (40,)
     assert 2.5 < scores.mean() < 6.0  # E[A²]/2 ≈ 4.2 for A ~ U[0.1, 5]
