@@ -1,4 +1,4 @@
-"""``make bench``: the speed benchmark (see ``metarun/bench.py``; ``--quick`` for a one-minute run)."""
+"""``make bench``: the speed benchmark (see ``metarun/bench/``; ``--quick`` for a one-minute run)."""
 
 import sys
 

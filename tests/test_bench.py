@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-import metarun.bench
-from metarun.bench import MAX_ROUNDS, measure
+import metarun.bench.timing
+from metarun.bench.timing import MAX_ROUNDS, measure
 from tests.conftest import run_cli
 
 RESULT_KEYS = {"name", "metric", "value", "reference", "reference_value", "ratio", "peak_mem_mb", "shape", "target", "met"}
@@ -53,7 +53,7 @@ def test_measure_times_warm_calls_and_takes_peak_memory_on_one_more():
 @pytest.mark.parametrize(("min_seconds", "rounds"), [(0.0, 2), (5.0, 10), (5.1, 11), (100.0, MAX_ROUNDS)])
 def test_cheap_calls_are_timed_for_more_rounds_until_they_add_up_to_min_seconds(monkeypatch, min_seconds, rounds):
     clock = {"now": 0.0}
-    monkeypatch.setattr(metarun.bench.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(metarun.bench.timing.time, "perf_counter", lambda: clock["now"])
 
     def takes(seconds: float):
         def call() -> None:

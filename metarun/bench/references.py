@@ -160,13 +160,49 @@ class ProtoNetReference:
 
 
 # -- the MAML family ----------------------------------------------------------------------------
-class MAMLReference:
-    """Per-task MAML / FOMAML / ANIL / Meta-SGD on a plain copy of ``algorithm``'s network.
+def maml_adapt(
+    model: Classifier,
+    params: dict,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    *,
+    steps: int,
+    create_graph: bool,
+    inner_lr: float,
+    lrs: dict | None = None,
+    head_only: bool = False,
+) -> dict:
+    """One task's fast weights after ``steps`` inner SGD steps on ``(xs, ys)``, learn2learn's way: a dict of tensors fed
+    to ``functional_call``, gradients from ``torch.autograd.grad(create_graph=...)``. ``lrs``: Meta-SGD's rate per
+    weight (by parameter name); ``head_only``: ANIL, whose features are computed once and whose head alone adapts."""
+    fast = dict(params)
+    if head_only:
+        feats = functional_call(model.backbone, {k[9:]: v for k, v in params.items() if k.startswith("backbone.")}, (xs,))
+    for _ in range(steps):
+        if head_only:
+            out = F.linear(feats, fast["head.weight"], fast["head.bias"])
+        else:
+            out = functional_call(model, fast, (xs,))
+        names = ["head.weight", "head.bias"] if head_only else list(fast)
+        grads = torch.autograd.grad(F.cross_entropy(out, ys), [fast[n] for n in names], create_graph=create_graph)
+        for n, g in zip(names, grads, strict=True):
+            fast[n] = fast[n] - (lrs[n] if lrs is not None else inner_lr) * g
+    return fast
 
-    Fast weights are a dict of tensors fed to ``functional_call``; ANIL
-    computes each task's features once and adapts the head only, as in
-    learn2learn's ANIL example. Meta-SGD's learned rates are copied too and
-    learned alongside.
+
+def maml_query_loss(model: Classifier, params: dict, task: tuple, *, steps: int, first_order: bool, **options) -> torch.Tensor:
+    """One task's meta-loss: the query loss of the fast weights (``options``: :func:`maml_adapt`'s)."""
+    xs, ys, xq, yq = task
+    # first order: the inner gradients are constants, so the query gradient reaches the initial weights unchanged
+    fast = maml_adapt(model, params, xs, ys, steps=steps, create_graph=not first_order, **options)
+    return F.cross_entropy(functional_call(model, fast, (xq,)), yq)
+
+
+class MAMLReference:
+    """Per-task MAML / FOMAML / ANIL / Meta-SGD on a plain copy of ``algorithm``'s network (:func:`maml_query_loss`).
+
+    Meta-SGD's learned rates are copied too and learned alongside. The tests check the package's
+    meta-gradients against the same functions (``tests/algorithms/reference.py``).
     """
 
     def __init__(self, algorithm, lr: float) -> None:
@@ -181,34 +217,18 @@ class MAMLReference:
         meta = list(self.model.parameters()) + list((self.lrs or {}).values())
         self.optimizer = torch.optim.Adam(meta, lr=lr)
 
-    def adapt(self, params: dict, xs, ys, steps: int, create_graph: bool) -> dict:
-        """The fast weights after ``steps`` inner SGD steps on ``(xs, ys)``."""
-        fast = dict(params)
-        if self.head_only:
-            feats = functional_call(
-                self.model.backbone, {k[9:]: v for k, v in params.items() if k.startswith("backbone.")}, (xs,)
-            )
-        for _ in range(steps):
-            if self.head_only:
-                out = F.linear(feats, fast["head.weight"], fast["head.bias"])
-            else:
-                out = functional_call(self.model, fast, (xs,))
-            names = ["head.weight", "head.bias"] if self.head_only else list(fast)
-            grads = torch.autograd.grad(F.cross_entropy(out, ys), [fast[n] for n in names], create_graph=create_graph)
-            for n, g in zip(names, grads, strict=True):
-                lr = self.lrs[n] if self.lrs is not None else self.inner_lr
-                fast[n] = fast[n] - lr * g
-        return fast
+    def options(self) -> dict:
+        return {"inner_lr": self.inner_lr, "lrs": self.lrs, "head_only": self.head_only}
 
     def step(self, episode: Episode) -> None:
         self.model.train()
         self.optimizer.zero_grad()
         params = dict(self.model.named_parameters())
         for t in range(episode.num_tasks):
-            xs, ys, xq, yq = task(episode, t)
-            # first order: the inner gradients are constants, so the query gradient reaches the initial weights unchanged
-            fast = self.adapt(params, xs, ys, self.inner_steps, create_graph=not self.first_order)
-            (F.cross_entropy(functional_call(self.model, fast, (xq,)), yq) / episode.num_tasks).backward()
+            loss = maml_query_loss(
+                self.model, params, task(episode, t), steps=self.inner_steps, first_order=self.first_order, **self.options()
+            )
+            (loss / episode.num_tasks).backward()
         self.optimizer.step()
 
     def score(self, episode: Episode) -> float:
@@ -216,7 +236,7 @@ class MAMLReference:
         self.model.train()
         xs, ys, xq, yq = task(episode, 0)
         params = {n: p.detach().requires_grad_() for n, p in self.model.named_parameters()}
-        fast = self.adapt(params, xs, ys, self.inner_steps_eval, create_graph=False)
+        fast = maml_adapt(self.model, params, xs, ys, steps=self.inner_steps_eval, create_graph=False, **self.options())
         with torch.no_grad():
             return (functional_call(self.model, fast, (xq,)).argmax(-1) == yq).float().mean().item()
 

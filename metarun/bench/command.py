@@ -1,17 +1,16 @@
-"""``make bench`` / ``metarun bench``: how fast the package is, as ratios to plain code timed in the same run.
+"""The ``metarun bench`` command: how fast the package is, as ratios to plain code timed in the same run.
 
 Absolute times say more about the machine, and whatever else runs on it, than
 about the code, so every figure stands beside a reference implementation
-(:mod:`metarun.bench_reference`) timed in the same process, interleaved with it
+(:mod:`metarun.bench.references`) timed in the same process, interleaved with it
 round by round so that a change of load hits both; the ratio is the headline.
 Each path is warmed up first (vmap tracing, oneDNN primitive caches, compiled
 graphs), then timed for at least ``repeats`` rounds and ``--min-seconds``; the median is kept.
 
-The fast path is built from the same calls as ``metarun train`` (the config's
-algorithm and optimiser through :mod:`metarun.factory`, the episode engine,
-:func:`metarun.device.autocast`, ``GradScaler``, channels_last, optional
-``torch.compile``) with the settings the README recommends for the device, so
-the figures are what a user gets with those settings. Data are random bytes in
+A training row times the trainer's own :func:`metarun.trainer.train_step` (sampling, loss, backward,
+all-reduce, clipping, optimiser and schedule steps, NaN policy) on a :class:`~metarun.trainer.Step`
+built from the algorithm's composed ``metarun train`` config, with the settings the README
+recommends for the device, so the figures are what a user gets with those settings. Data are random bytes in
 the shapes of Omniglot and miniImageNet: speed does not depend on the pixels,
 and a fresh clone needs no download.
 
@@ -22,13 +21,9 @@ ratio, target, peak memory) and ``bench.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import math
 import os
 import platform
-import resource
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -39,200 +34,21 @@ import psutil
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch.utils.flop_counter import FlopCounterMode
 
-from metarun import bench_reference as ref
 from metarun.allocator import keep_freed_memory
+from metarun.bench import references as ref
+from metarun.bench.shapes import ALGORITHMS, GRADIENT_BASED, OMNIGLOT, SHAPES, Settings, Shape, recommended, target
+from metarun.bench.timing import MAX_ROUNDS, Timing, flops, measure
 from metarun.config import EvalConfig, compose
 from metarun.data.episodes import EpisodeSampler, fixed_episodes
 from metarun.data.split import FewShotDataset, Split
-from metarun.device import autocast, compile_step, resolve_device, synchronize
+from metarun.device import resolve_device
 from metarun.evaluation import resolve_bn_mode, score_episodes
-from metarun.factory import build_algorithm, build_optimizer, build_sampler
+from metarun.factory import build_algorithm, build_sampler
+from metarun.trainer import build_step, train_step
 
-GRADIENT_BASED = ("maml", "fomaml", "anil", "metasgd", "reptile")
 SAMPLER_ROUNDS = 20  # meta-batches sampled per timed call
 EVAL_BATCH_TASKS = EvalConfig().batch_tasks  # episodes an evaluation call scores, as `metarun eval` does
-MAX_ROUNDS = 25  # timed rounds per figure, at most
-ALGORITHMS = (*GRADIENT_BASED, "protonet", "finetune")
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    image: tuple[int, int, int]
-    hidden: int  # Conv4 filters
-    ways: int
-    shots: int
-    queries: int
-    meta_batch: int
-    train_classes: int
-    images_per_class: int
-
-
-OMNIGLOT = Shape("omniglot-5w1s15q", (1, 28, 28), 64, 5, 1, 15, 32, 1000, 20)
-SHAPES = {
-    s.name: s
-    for s in (
-        OMNIGLOT,
-        replace(OMNIGLOT, name="omniglot-5w1s1q", queries=1),  # the MAML paper's Omniglot setting
-        replace(OMNIGLOT, name="omniglot-5w5s15q", shots=5),
-        Shape("miniimagenet-5w1s15q", (3, 84, 84), 32, 5, 1, 15, 4, 64, 60),
-    )
-}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The trainer settings of a fast path (``trainer.channels_last``, ``.precision``, ``.compile``, ``.fused_sampling``)."""
-
-    channels_last: bool = False
-    precision: str = "fp32"
-    compile: bool = False
-    fused_sampling: bool = False
-
-    def describe(self) -> str:
-        flags = ("channels_last", "compile", "fused_sampling")
-        return "+".join([self.precision] + [flag for flag in flags if getattr(self, flag)])
-
-
-def recommended(name: str, device: torch.device) -> Settings:
-    """The settings the README recommends (and this benchmark measures) per algorithm and device.
-
-    On a CPU with AVX-512 BF16, bf16 halves the memory traffic of the elementwise work (batch norm, its
-    double backward, ReLU) on Conv4's 28x28 activations, which is most of a gradient-based meta-step.
-    channels_last pays where the convolutions' weights are shared by all tasks (ProtoNet, finetune,
-    ANIL's backbone); on the grouped per-task convolutions of MAML and its kin it cost 12-19%
-    (``metarun bench --quick``, 2 cores). Fused sampling applies where the data live on a CPU.
-    """
-    channels_last = device.type == "cuda" or name in ("protonet", "finetune", "anil")
-    return Settings(channels_last=channels_last, precision="bf16", fused_sampling=device.type == "cpu")
-
-
-# -- targets: (operator, threshold) on the ratio ------------------------------------------------
-def target(name: str, metric: str, shape: str) -> tuple[str, float] | None:
-    if name == "sampler":
-        return (">=", 10.0) if metric == "episodes_per_s" else ("<", 0.01)
-    if metric == "eval_episodes_per_s":
-        return (">=", 3.0)
-    if shape == "omniglot-5w1s1q" and name == "maml":
-        return (">=", 2.5)
-    if shape == "omniglot-5w1s1q" and name in ("fomaml", "anil"):
-        return (">=", 3.0)
-    if name == "protonet" and shape == OMNIGLOT.name:
-        return (">=", 1.5)
-    return (">=", 1.0)  # no shape slower than the reference
-
-
-# -- measuring ---------------------------------------------------------------------------------
-class PeakMemory:
-    """Peak memory of the process above its level at entry, in MB: CUDA allocations on a GPU, RSS otherwise.
-
-    Linux resets the RSS high-water mark on request (``/proc/self/clear_refs``),
-    so each measurement gets its own peak; elsewhere the lifetime peak of
-    ``getrusage`` is the best available.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.mb = 0.0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            release_free_memory()
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-            self.start = psutil.Process().memory_info().rss
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = rss_peak()
-        self.mb = max(peak - self.start, 0) / 2**20
-
-
-def release_free_memory() -> None:
-    """Hands freed heap memory back to the OS (glibc), so that RSS counts what a measurement allocates anew."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def rss_peak() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-@dataclass
-class Timing:
-    seconds: float
-    peak_mb: float
-    rounds: int = 1
-
-
-def measure(
-    paths: dict[str, Callable[[], None]],
-    repeats: int,
-    warmup: int,
-    device: torch.device,
-    warm: dict[str, Callable[[], None]] | None = None,
-    min_seconds: float = 0.0,
-) -> dict[str, Timing]:
-    """Median seconds per call of each path, the paths interleaved round by round (order alternating).
-
-    ``warm``: a cheaper call per path for the warm-up, with the same shapes (a few of 600 episodes).
-    Peak memory is taken on one more call after the timed ones: measuring it hands the freed heap
-    back to the OS first, and a timed call after that would fault all its memory in again, a cost a
-    training run pays once, not every step.
-
-    At least ``repeats`` rounds are timed, and more (up to ``MAX_ROUNDS``) until the rounds add up to
-    ``min_seconds``: a median of 3 calls of a 0.1 s step swung a ratio by 10% from run to run.
-    """
-    untimed = {name: (warm or {}).get(name, fn) for name, fn in paths.items()}
-    for call in untimed.values():
-        for _ in range(warmup):
-            call()
-    times: dict[str, list[float]] = {k: [] for k in paths}
-
-    def timed_round(r: int) -> None:
-        for name in list(paths) if r % 2 == 0 else list(paths)[::-1]:
-            synchronize(device)
-            t0 = time.perf_counter()
-            paths[name]()
-            synchronize(device)
-            times[name].append(time.perf_counter() - t0)
-
-    timed_round(0)  # tells how many rounds fit in min_seconds
-    spent = sum(t[0] for t in times.values())
-    rounds = max(repeats, min(MAX_ROUNDS, math.ceil(min_seconds / spent))) if spent > 0 else repeats
-    for r in range(1, rounds):
-        timed_round(r)
-    peaks = {}
-    for name, call in untimed.items():
-        with PeakMemory(device) as mem:
-            call()
-        peaks[name] = mem.mb
-    return {k: Timing(statistics.median(v), peaks[k], len(v)) for k, v in times.items()}
-
-
-def flops(fn: Callable[[], None]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 # -- what is measured ---------------------------------------------------------------------------
@@ -249,18 +65,25 @@ def random_dataset(shape: Shape, name: str) -> FewShotDataset:
     )
 
 
-def compose_run_config(algo: str, shape: Shape):
-    """The composed ``metarun train`` config of ``algo`` (its recipe) at ``shape``."""
-    overrides = [
-        f"algo={algo}",
-        "backbone=conv4",
-        f"backbone.hidden={shape.hidden}",
-        f"task.ways={shape.ways}",
-        f"task.shots={shape.shots}",
-        f"task.queries={shape.queries}",
-        f"task.meta_batch={shape.meta_batch}",
-    ]
-    return compose("train", overrides)
+def compose_run_config(algo: str, shape: Shape, settings: Settings | None = None):
+    """The composed ``metarun train`` config of ``algo`` (its recipe) at ``shape``, with a fast path's ``settings``."""
+    settings = settings or Settings()
+    return compose(
+        "train",
+        [
+            f"algo={algo}",
+            "backbone=conv4",
+            f"backbone.hidden={shape.hidden}",
+            f"task.ways={shape.ways}",
+            f"task.shots={shape.shots}",
+            f"task.queries={shape.queries}",
+            f"task.meta_batch={shape.meta_batch}",
+            f"trainer.precision={settings.precision}",
+            f"trainer.channels_last={settings.channels_last}",
+            f"trainer.compile={settings.compile}",
+            f"trainer.fused_sampling={settings.fused_sampling}",
+        ],
+    )
 
 
 @dataclass
@@ -282,6 +105,7 @@ class Row:
 
 
 def make_row(
+    *,
     name: str,
     metric: str,
     shape: str,
@@ -326,11 +150,11 @@ class Bench:
         return build_sampler(
             self.dataset(shape),
             split,
-            shape.ways,
-            shape.shots,
-            q,
-            0,
-            self.device,
+            ways=shape.ways,
+            shots=shape.shots,
+            queries=q,
+            seed=0,
+            device=self.device,
             channels_last=settings.channels_last,
             fused=settings.fused_sampling,
             precision=settings.precision,
@@ -387,16 +211,16 @@ class Bench:
         note = f"device={self.device.type}, {settings.precision}" + (", fused" if engine.fused else "")  # (where it applies)
         self.add(
             make_row(
-                "sampler",
-                "episodes_per_s",
-                shape.name,
-                t / fast.seconds,
-                best,
-                t / slow.seconds,
-                fast,
-                slow,
-                note,
-            )
+                name="sampler",
+                metric="episodes_per_s",
+                shape=shape.name,
+                value=t / fast.seconds,
+                reference=best,
+                reference_value=t / slow.seconds,
+                fast=fast,
+                slow=slow,
+                settings=note,
+            )  # fmt: skip
         )
         self.sample_seconds[shape.name] = (fast, note)
 
@@ -405,21 +229,22 @@ class Bench:
         (fast, note), step = self.sample_seconds[shape.name], self.protonet_step[shape.name]
         self.add(
             make_row(
-                "sampler",
-                "share_of_protonet_step",
-                shape.name,
-                fast.seconds,
-                "protonet_step",
-                step.seconds,
-                fast,
-                step,
-                note,
-            )
+                name="sampler",
+                metric="share_of_protonet_step",
+                shape=shape.name,
+                value=fast.seconds,
+                reference="protonet_step",
+                reference_value=step.seconds,
+                fast=fast,
+                slow=step,
+                settings=note,
+            )  # fmt: skip
         )
 
     # -- meta-training ---------------------------------------------------------------------------
     def bench_train(self, name: str, shape: Shape, settings: Settings) -> None:
-        cfg = compose_run_config(name, shape)
+        """The trainer's own :func:`~metarun.trainer.train_step` against the per-task reference's step."""
+        cfg = compose_run_config(name, shape, settings)
         dataset = self.dataset(shape)
         torch.manual_seed(0)
         algorithm = build_algorithm(cfg, dataset).to(self.device)
@@ -427,22 +252,12 @@ class Bench:
         if settings.channels_last:
             algorithm = algorithm.to(memory_format=torch.channels_last)
         algorithm.train()
-        tr = cfg.trainer
-        optimizer = build_optimizer(algorithm, tr.optimizer, tr.lr, tr.weight_decay)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
-        loss_fn = compile_step(algorithm) if settings.compile else algorithm.training_loss
-        sampler = self.sampler(shape, "train", settings)
+        step = build_step(cfg, dataset, algorithm)
         plain = self.sampler(shape, "train", Settings())
         t = shape.meta_batch
 
         def fast() -> None:
-            batch = algorithm.sample_batch(sampler, t)
-            with autocast(self.device, settings.precision):
-                loss, _ = loss_fn(batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            train_step(step)
 
         if name == "finetune":  # pre-training: ordinary mini-batches of images
             images = algorithm.batch_size
@@ -460,16 +275,16 @@ class Bench:
         if name == "finetune":
             self.add(
                 make_row(
-                    name,
-                    "images_per_s",
-                    shape.name,
-                    images / f.seconds,
-                    "eager_fp32_step",
-                    images / s.seconds,
-                    f,
-                    s,
-                    settings.describe(),
-                )
+                    name=name,
+                    metric="images_per_s",
+                    shape=shape.name,
+                    value=images / f.seconds,
+                    reference="eager_fp32_step",
+                    reference_value=images / s.seconds,
+                    fast=f,
+                    slow=s,
+                    settings=settings.describe(),
+                )  # fmt: skip
             )
             return
         gflops = None
@@ -477,7 +292,20 @@ class Bench:
             self.protonet_step[shape.name] = f
             gflops = flops(fast) / f.seconds / 1e9
         what = "per_task_loop" if name in GRADIENT_BASED else "eager_fp32_per_task"
-        self.add(make_row(name, "tasks_per_s", shape.name, t / f.seconds, what, t / s.seconds, f, s, settings.describe(), gflops))
+        self.add(
+            make_row(
+                name=name,
+                metric="tasks_per_s",
+                shape=shape.name,
+                value=t / f.seconds,
+                reference=what,
+                reference_value=t / s.seconds,
+                fast=f,
+                slow=s,
+                settings=settings.describe(),
+                gflop_per_s=gflops,
+            )  # fmt: skip
+        )
 
     def reference(self, name: str, algorithm, lr: float):
         kind = {"protonet": ref.ProtoNetReference, "reptile": ref.ReptileReference, "finetune": ref.FinetuneReference}
@@ -498,7 +326,10 @@ class Bench:
         indices = fixed_episodes(plain, n, 1)
 
         def fast(episodes: int = n) -> None:
-            score_episodes(algorithm, sampler, episodes, 1, batch_tasks, bn_mode, precision=settings.precision)
+            score_episodes(
+                algorithm, sampler, episodes=episodes, seed=1, batch_tasks=batch_tasks, bn_mode=bn_mode,
+                precision=settings.precision,
+            )  # fmt: skip
 
         def slow(episodes: int = n) -> None:
             for i in range(episodes):
@@ -515,17 +346,17 @@ class Bench:
             gflops = flops(fast) / f.seconds / 1e9
         self.add(
             make_row(
-                name,
-                "eval_episodes_per_s",
-                shape.name,
-                n / f.seconds,
-                "one_episode_loop",
-                n / s.seconds,
-                f,
-                s,
-                f"{settings.describe()}, batch_tasks={batch_tasks}",
-                gflops,
-            )
+                name=name,
+                metric="eval_episodes_per_s",
+                shape=shape.name,
+                value=n / f.seconds,
+                reference="one_episode_loop",
+                reference_value=n / s.seconds,
+                fast=f,
+                slow=s,
+                settings=f"{settings.describe()}, batch_tasks={batch_tasks}",
+                gflop_per_s=gflops,
+            )  # fmt: skip
         )
 
 
@@ -552,12 +383,20 @@ def machine_info(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "device": str(device),
-        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "load_average": load_average(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, where the platform has them (not on Windows)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def results_table(rows: list[Row]) -> Table:
@@ -691,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in bench.protonet_step:
             bench.bench_sampler_share(shapes[name])
 
-    notes = [f"total time {time.perf_counter() - t0:.0f} s; load average at the end {[round(x, 2) for x in os.getloadavg()]}"]
+    notes = [f"total time {time.perf_counter() - t0:.0f} s; load average at the end {load_average()}"]
     conv = build_algorithm(compose_run_config("protonet", OMNIGLOT), bench.dataset(OMNIGLOT))
     x = torch.randn(100, *OMNIGLOT.image)
     episode_flops = flops(lambda: conv.backbone(x).sum().backward())
