@@ -110,11 +110,15 @@ def unparsable_override(ex: BaseException) -> ConfigError | None:
     key, sep, value = ex.override.partition("=")
     if not sep:
         return ConfigError(f"cannot read the override '{ex.override}': write it as key=value")
-    inner, outer = ('"', "'") if '"' not in value else ("'", '"')
-    quoted = f"{outer}{key}={inner}{value}{inner}{outer}"
+    import re
+    import shlex
+
+    # inside Hydra's quotes a backslash is literal unless it comes before a quote or ends the string
+    escaped = re.sub(r'(\\+)(?="|$)', lambda m: m.group(1) * 2, value).replace('"', '\\"')
+    hydra_quoted = f'"{escaped}"'
     return ConfigError(
-        f"cannot read the value of {key}={value} unquoted (Hydra's override grammar takes only plain ASCII words "
-        f"there): quote the value inside the override, e.g. in bash {quoted}"
+        f"cannot read the value of {key}={value} unquoted (Hydra's override grammar needs quotes around non-ASCII "
+        f"letters and any of ()[]{{}}:=,'\"): quote the value inside the override, in bash: {shlex.quote(f'{key}={hydra_quoted}')}"
     )
 
 
