@@ -165,13 +165,16 @@ class TrainerConfig:
     val_episodes: int = at_least(1, 200)
     log_every: int = at_least(1, 50)
     seed: int = 0
-    #: fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler); episodes are sampled in it
-    precision: str = choice("fp32", "bf16", "fp16")
+    #: auto | fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler); episodes are sampled in it.
+    #: auto: bf16 where the device computes it natively, else fp32 (metarun/speed_settings.py)
+    precision: str = choice("auto", "fp32", "bf16", "fp16")
     #: torch.compile of the meta-step (static shapes); refused for second-order MAML and Meta-SGD
     compile: bool = False
-    channels_last: bool = False
-    #: gather and normalise episodes in one compiled pass where the data live on a CPU, unaugmented (+3 s at start)
-    fused_sampling: bool = False
+    #: auto | true | false: NHWC layout; auto: on a GPU, and where the algorithm's convolutions are shared by its tasks
+    channels_last: Any = choice("auto", True, False)
+    #: auto | true | false: gather and normalise episodes in one compiled pass where the data live on a CPU,
+    #: unaugmented (+3 s at start); auto: on a CPU for runs of 1000 steps or more
+    fused_sampling: Any = choice("auto", True, False)
     #: stop | skip: what a NaN or infinite loss does (stop: the run ends, its last good checkpoint kept)
     nan_policy: str = choice("stop", "skip")
     #: how many step-numbered checkpoints to keep besides best.pt and last.pt (0: none)

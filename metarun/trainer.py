@@ -14,6 +14,7 @@ Metrics stay on the device between log rows (:class:`MetricWindow`), so a step n
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -55,6 +56,7 @@ from metarun.interrupt import StopRequest
 from metarun.loggers import build_logger
 from metarun.progress import console
 from metarun.results import better, mean_ci95
+from metarun.speed_settings import AUTO, resolve_speed_settings
 from metarun.training_progress import TrainingProgress
 
 
@@ -315,7 +317,7 @@ def setup_run(
         cfg = resumed_config(cfg, resume["config"], overrides)
         run_dir = resume["path"].parent.parent
     check_config(cfg)
-    t, tr = cfg.task, cfg.trainer
+    t, tr, typed = cfg.task, cfg.trainer, cfg.trainer
 
     device = resolve_device(cfg.device.type)
     topo, device = init_distributed(device)
@@ -331,6 +333,7 @@ def setup_run(
             dataset.splits["val"], t.ways, t.shots, cfg.eval.queries, "val", ("task.ways", "task.shots", "eval.queries")
         )
     where = data_device(dataset, device, str(cfg.dataset.get("on_device", "auto")))
+    cfg, tr = with_speed_settings(cfg, device, where)
     algorithm = build_algorithm(cfg, dataset).to(device)
     if cfg.eval.after_train:
         check_settings(dataset, cfg.eval, algorithm)
@@ -363,10 +366,35 @@ def setup_run(
     if topo.is_main:
         console.print(
             f"[bold]metarun train[/] → {run_dir}  ({type(algorithm).__name__}, {dataset.name}, {device}, "
-            f"{topo.world} process(es), eval.bn_mode={run.bn_mode})",
+            f"{topo.world} process(es), eval.bn_mode={run.bn_mode}, {speed_line(tr, typed)})",
             soft_wrap=True,
         )
     return run
+
+
+def with_speed_settings(cfg: DictConfig, device: torch.device, where: torch.device) -> tuple[DictConfig, DictConfig]:
+    """``cfg`` with every ``auto`` of ``trainer.precision``/``channels_last``/``fused_sampling`` resolved
+    (:mod:`metarun.speed_settings`): the saved config, and so a resumed or re-evaluated run, keeps the values."""
+    tr = cfg.trainer
+    settings = resolve_speed_settings(
+        precision=tr.precision, channels_last=tr.channels_last, fused_sampling=tr.get("fused_sampling", False),
+        compile=tr.compile, device=device, channels_last_pays=algorithm_class(cfg.algo).channels_last_pays,
+        steps=tr.steps, data_on_cpu=where.type == "cpu", augment=bool(cfg.dataset.get("augment", False)),
+    )  # fmt: skip
+    cfg = copy.deepcopy(cfg)
+    for key in ("precision", "channels_last", "fused_sampling"):
+        cfg.trainer[key] = getattr(settings, key)
+    return cfg, cfg.trainer
+
+
+def speed_line(tr: DictConfig, typed: DictConfig) -> str:
+    """``precision=bf16 (auto), channels_last=false, ...``: what the run uses, and which values ``auto`` chose."""
+    parts = []
+    for key in ("precision", "channels_last", "fused_sampling"):
+        value = tr[key]
+        shown = str(value).lower() if isinstance(value, bool) else value
+        parts.append(f"{key}={shown}" + (" (auto)" if typed.get(key, AUTO) == AUTO else ""))
+    return ", ".join(parts)
 
 
 def check_config(cfg: DictConfig) -> None:

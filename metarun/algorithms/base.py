@@ -24,6 +24,9 @@ class Algorithm(nn.Module):
     default_bn_mode: str = "transductive"
     #: whether episodes must have ``ways`` classes (a meta-learned head); else any number is served
     fixed_ways: bool = False
+    #: whether NHWC pays on a CPU (``trainer.channels_last=auto``): convolutions shared by all tasks of a call do,
+    #: per-task grouped ones ran slower in it
+    channels_last_pays: bool = False
     #: the schema of ``algo.*`` (a dataclass declared in the algorithm's module; :func:`metarun.config.algorithm_schemas`)
     Config: type | None = None
 

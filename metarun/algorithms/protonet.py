@@ -37,6 +37,7 @@ class ProtoNetConfig:
 
 
 class ProtoNet(Algorithm):
+    channels_last_pays = True  # its convolutions are shared by all tasks of a call
     Config = ProtoNetConfig
     default_bn_mode = "running"  # as in the paper's code: the model in eval mode at test time
 

@@ -9,8 +9,9 @@ graphs), then timed for at least ``repeats`` rounds and ``--min-seconds``; the m
 
 A training row times the trainer's own :func:`metarun.trainer.train_step` (sampling, loss, backward,
 all-reduce, clipping, optimiser and schedule steps, NaN policy) on a :class:`~metarun.trainer.Step`
-built from the algorithm's composed ``metarun train`` config, with the settings the README
-recommends for the device, so the figures are what a user gets with those settings. Data are random bytes in
+built from the algorithm's composed ``metarun train`` config, with the settings ``metarun train``
+chooses by default on the device (``auto``, :mod:`metarun.speed_settings`; ``--precision fp32`` forces
+fp32), so the figures are what a user gets by typing the README's commands. Data are random bytes in
 the shapes of Omniglot and miniImageNet: speed does not depend on the pixels,
 and a fresh clone needs no download.
 
@@ -37,7 +38,7 @@ from rich.table import Table
 
 from metarun.allocator import keep_freed_memory
 from metarun.bench import references as ref
-from metarun.bench.shapes import ALGORITHMS, GRADIENT_BASED, OMNIGLOT, SHAPES, Settings, Shape, recommended, target
+from metarun.bench.shapes import ALGORITHMS, GRADIENT_BASED, OMNIGLOT, SHAPES, Shape, default_settings, target
 from metarun.bench.timing import MAX_ROUNDS, Timing, flops, measure
 from metarun.config import EvalConfig, compose
 from metarun.data.episodes import EpisodeSampler, fixed_episodes
@@ -45,6 +46,7 @@ from metarun.data.split import FewShotDataset, Split
 from metarun.device import resolve_device
 from metarun.evaluation import resolve_bn_mode, score_episodes
 from metarun.factory import build_algorithm, build_sampler
+from metarun.speed_settings import SpeedSettings as Settings
 from metarun.trainer import build_step, train_step
 
 SAMPLER_ROUNDS = 20  # meta-batches sampled per timed call
@@ -129,10 +131,18 @@ def make_row(
 
 class Bench:
     def __init__(
-        self, device: torch.device, repeats: int, warmup: int, eval_episodes: int, console: Console, min_seconds: float = 0.0
+        self,
+        device: torch.device,
+        repeats: int,
+        warmup: int,
+        eval_episodes: int,
+        console: Console,
+        min_seconds: float = 0.0,
+        precision: str = "auto",
     ) -> None:
         self.device, self.repeats, self.warmup, self.eval_episodes = device, repeats, warmup, eval_episodes
         self.min_seconds = min_seconds
+        self.precision = precision
         self.console = console
         self.datasets: dict[tuple, FewShotDataset] = {}
         self.rows: list[Row] = []
@@ -171,7 +181,7 @@ class Bench:
     # -- the episode engine -----------------------------------------------------------------
     def bench_sampler(self, shape: Shape) -> None:
         split, ds = self.dataset(shape).splits["train"], self.dataset(shape)
-        settings = recommended("sampler", self.device)  # images in the precision the steps take them in
+        settings = default_settings("sampler", self.device, precision=self.precision)  # images in the steps' precision
         engine = self.sampler(shape, "train", settings)
         t = shape.meta_batch
 
@@ -470,6 +480,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.md (default: outputs/bench)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="the fast paths' trainer.precision (default: auto, what `metarun train` chooses on this device)",
+    )
     ap.add_argument("--only", default=None, help="comma-separated names to run (e.g. sampler,protonet)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per figure, at least (default: 3, quick: 2)")
     ap.add_argument(
@@ -504,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if quick else 3)
     min_seconds = args.min_seconds if args.min_seconds is not None else (1.0 if quick else 6.0)
     # quick: one evaluation call (Reptile's 50 inner steps an episode took half the run at 32 episodes)
-    bench = Bench(device, repeats, 1, EVAL_BATCH_TASKS if quick else 600, console, min_seconds)
+    bench = Bench(device, repeats, 1, EVAL_BATCH_TASKS if quick else 600, console, min_seconds, args.precision)
     shapes = dict(SHAPES)
     if quick:  # fewer tasks per meta-step where tasks are large; the MAML paper's small tasks keep the targets' 32
         shapes = {
@@ -521,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             if shape.queries == 15 and shape.shots == 1:
                 bench.bench_sampler(shape)
     for name in wanted[1:] if "sampler" in wanted else wanted:
-        settings = recommended(name, device)
+        settings = default_settings(name, device, precision=args.precision)
         for shape in shapes.values():
             if name in GRADIENT_BASED or shape.queries == 15 and shape.shots == 1:
                 bench.bench_train(name, shape, settings)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from metarun.speed_settings import AUTO, FUSED_MIN_STEPS, SpeedSettings, resolve_speed_settings
+
 GRADIENT_BASED = ("maml", "fomaml", "anil", "metasgd", "reptile")
 #: the algorithms with a reference of their own (:mod:`metarun.bench.references`), in the order they are measured
 ALGORITHMS = (*GRADIENT_BASED, "protonet", "finetune")
@@ -36,31 +38,14 @@ SHAPES = {
 }
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The trainer settings of a fast path (``trainer.channels_last``, ``.precision``, ``.compile``, ``.fused_sampling``)."""
+def default_settings(name: str, device: torch.device, *, precision: str = AUTO) -> SpeedSettings:
+    """The settings ``metarun train algo=<name>`` gets on ``device`` when the user sets none (``auto``, a long run),
+    or with ``precision`` forced: the same rule as the trainer's (:func:`metarun.speed_settings.resolve_speed_settings`)."""
+    from metarun.config import algorithm_class, compose
 
-    channels_last: bool = False
-    precision: str = "fp32"
-    compile: bool = False
-    fused_sampling: bool = False
-
-    def describe(self) -> str:
-        flags = ("channels_last", "compile", "fused_sampling")
-        return "+".join([self.precision] + [flag for flag in flags if getattr(self, flag)])
-
-
-def recommended(name: str, device: torch.device) -> Settings:
-    """The settings the README recommends (and this benchmark measures) per algorithm and device.
-
-    On a CPU with AVX-512 BF16, bf16 halves the memory traffic of the elementwise work (batch norm, its
-    double backward, ReLU) on Conv4's 28x28 activations, which is most of a gradient-based meta-step.
-    channels_last pays where the convolutions' weights are shared by all tasks (ProtoNet, finetune,
-    ANIL's backbone); on the grouped per-task convolutions of MAML and its kin it cost 12-19%
-    (``metarun bench --quick``, 2 cores). Fused sampling applies where the data live on a CPU.
-    """
-    channels_last = device.type == "cuda" or name in ("protonet", "finetune", "anil")
-    return Settings(channels_last=channels_last, precision="bf16", fused_sampling=device.type == "cpu")
+    algo = compose("train", [f"algo={name}"]).algo if name != "sampler" else None
+    pays = algorithm_class(algo).channels_last_pays if algo is not None else False
+    return resolve_speed_settings(precision=precision, device=device, channels_last_pays=pays, steps=FUSED_MIN_STEPS)
 
 
 # -- targets: (operator, threshold) on the ratio ------------------------------------------------
