@@ -92,7 +92,10 @@ def grouped_forward(
             continue
         if isinstance(m, nn.Conv2d) and i + 1 < len(layers) and folds_into(h, m, layers[i + 1][1]):
             folded = layers[i + 1][0]
-            w, b = folded_weights(h, m, layers[i + 1][1], name, folded, params, buffers, tasks, mode, support_size, update_stats)
+            w, b = folded_weights(
+                h, conv=m, norm=layers[i + 1][1], conv_name=name, norm_name=folded, params=params, buffers=buffers,
+                tasks=tasks, mode=mode, support_size=support_size, update_stats=update_stats,
+            )  # fmt: skip
             params = {**params, f"{name}.weight": w, f"{name}.bias": b}
         if isinstance(m, nn.Conv2d) and channels_last and h.shape[1] == 1:
             h = images_conv2d_channels_last(h, _per_task(params[f"{name}.weight"], 1, 4), _bias(params, name), m)
@@ -125,7 +128,20 @@ def folds_into(h: torch.Tensor, conv: nn.Conv2d, norm: nn.Module) -> bool:
     return isinstance(norm, EpisodeBatchNorm) and images and h.device.type == "cpu" and torch.is_grad_enabled()
 
 
-def folded_weights(h, conv, norm, conv_name, norm_name, params, buffers, tasks, mode, support_size, update_stats):
+def folded_weights(
+    h: torch.Tensor,
+    *,
+    conv: nn.Conv2d,
+    norm: EpisodeBatchNorm,
+    conv_name: str,
+    norm_name: str,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    tasks: int,
+    mode: str,
+    support_size: int,
+    update_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task weights ``[tasks, c, cin, kh, kw]`` and bias ``[tasks, c]`` of ``conv`` followed by ``norm``, as one convolution.
 
     The convolution's output is linear in each image patch, so its per-task batch statistics follow from
