@@ -3,13 +3,10 @@
 glibc's malloc serves large blocks (above a threshold that adapts up to 32 MB) with ``mmap`` and
 returns them with ``munmap`` when freed, and trims the top of its heap as it shrinks. A meta-step
 allocates and frees the same activations every step, so the OS maps, zeroes and faults in hundreds
-of megabytes of fresh pages each time: a second-order MAML step on Conv4 (32 tasks of 10 28x28
-images, bf16, 2 cores) took 70,000 minor page faults and 0.12 s of system time out of 0.44 s; with
-the thresholds raised it took 3 faults and 0.37 s. This is the effect jemalloc or tcmalloc
-(``LD_PRELOAD``) have, set from inside the process so that ``metarun`` gets it without a wrapper.
-The price is that the process keeps its peak footprint, as it would with those allocators: over
-120 bf16 MAML steps alternating two task shapes, RSS levelled off at 690 MB against 480 MB (and
-page faults stopped after the first steps, against 40,000 a step).
+of megabytes of fresh pages each time, a large share of a MAML step's time (``docs/performance.md``).
+This is the effect jemalloc or tcmalloc (``LD_PRELOAD``) have, set from inside the process so that
+``metarun`` gets it without a wrapper. The price is that the process keeps its peak footprint, as it
+would with those allocators.
 """
 
 from __future__ import annotations

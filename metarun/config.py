@@ -194,10 +194,8 @@ class EvalConfig:
     queries: int = at_least(1, 15)
     episodes: int = at_least(1, 600)
     seed: int = 2026
-    #: episodes evaluated together in one batched call. Omniglot 5-way 1-shot episodes per second at
-    #: 16 / 32 / 64 (bf16, 2 CPU threads): Reptile 8.2 / 9.2 / 9.3 (its 50 inner steps run for all the
-    #: call's episodes at once), finetune 91 / 117 / 131, MAML 70 / 73 / 72, ANIL 116 / 122 / 114,
-    #: first-order MAML 71 / 71 / 75, Meta-SGD 106 / 105 / 105, ProtoNet 155 / 152 / 144.
+    #: episodes evaluated together in one batched call: inner loops (Reptile's, finetune's head) run for
+    #: all of them at once; 32 was the fastest overall (docs/performance.md)
     batch_tasks: int = at_least(1, 32)
     #: transductive | support | running; null: the algorithm's documented default
     bn_mode: Optional[str] = choice(None, "transductive", "support", "running")

@@ -10,8 +10,8 @@ in ProtoNet), and only the head's inner loop is batched over tasks with
 one ordinary backward pass of the folded forward with those feature gradients
 (the surrogate loss below). That is exact (autograd never runs through a
 ``vmap``) and much cheaper than per-task weight gradients of shared
-convolutions under vmap, which cost 2.6 s per meta-step of 32 5-way 1-shot
-5-query tasks on one CPU thread, twice a loop over tasks. On a CPU, large tasks
+convolutions under vmap, which were slower even than a loop over tasks
+(``docs/performance.md``). On a CPU, large tasks
 instead take their backbone forward and backward one task at a time
 (:meth:`ANIL.task_by_task`), with the same meta-gradient.
 """
@@ -92,11 +92,9 @@ class ANIL(MAML):
 
     @staticmethod
     def task_by_task(batch: Episode) -> bool:
-        """On a CPU, for tasks of more than ``TASK_BY_TASK_IMAGES`` images: measured against the per-task
-        loop (``metarun bench --quick``), 5-way 1-shot 15 queries went from 0.76-0.86x to 0.96-1.02x
-        (peak memory 516 -> 163 MB) against one folded call; grouped calls of 6 such tasks
-        (:func:`~metarun.algorithms.functional.fold_features`) took as long (921 vs 942 ms a step)
-        with more memory held."""
+        """On a CPU, for tasks of more than ``TASK_BY_TASK_IMAGES`` images: one task's activations at a time
+        are faster and hold less memory than one folded call, and as fast as grouped calls
+        (:func:`~metarun.algorithms.task_batching.fold_features`) with less memory held."""
         images = batch.support_x.shape[1] + batch.query_x.shape[1]
         return batch.support_x.device.type == "cpu" and batch.num_tasks > 1 and images > TASK_BY_TASK_IMAGES
 

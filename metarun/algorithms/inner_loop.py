@@ -27,8 +27,8 @@ def autograd_grad(fn: Callable, has_aux: bool = False, create_graph: bool = Fals
     """``torch.func.grad``'s contract (gradient of ``fn`` with respect to its first argument) with plain autograd.
 
     Outside any ``vmap`` (the grouped strategy) autograd is exact, and nesting
-    ``autograd.grad(create_graph=True)`` was 1.2-1.5x faster than nesting
-    ``torch.func.grad`` for second-order MAML on Conv4 here. ``create_graph``
+    ``autograd.grad(create_graph=True)`` is faster than nesting ``torch.func.grad``
+    for second-order MAML on Conv4 (``docs/performance.md``). ``create_graph``
     keeps the result differentiable for an enclosing gradient; gradients are
     taken even under ``torch.no_grad`` (evaluation), as ``torch.func.grad`` does.
     """
@@ -105,10 +105,9 @@ def _expand_as(shared, per_task):
 def _adam(m: Params, v: Params, g: Params, b1: float, b2: float, eps: float, t) -> tuple[Params, Params, Params]:
     """Adam's moments after gradient ``g`` at step ``t``, and its direction, for every tensor at once.
 
-    ``torch._foreach_*`` dispatches each operation once for all tensors: the update of 16 Conv4 tasks
-    (1.8 million weights) took 3.8 ms instead of 6.6 one tensor at a time; a Reptile evaluation was
-    1.05x faster, a Reptile meta-step 1.03x. With ``b1 = 0`` (Reptile's) the first moment is the
-    gradient itself and its bias correction is 1, a division skipped (a Reptile evaluation 1.02x).
+    ``torch._foreach_*`` dispatches each operation once for all tensors rather than once per tensor
+    (``docs/performance.md``). With ``b1 = 0`` (Reptile's) the first moment is the gradient itself and
+    its bias correction is 1, a division skipped.
     """
     grads, spec = tree_flatten(g)
     firsts = grads if b1 == 0 else _foreach("lerp", tree_flatten(m)[0], grads, 1 - b1)

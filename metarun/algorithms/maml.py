@@ -7,8 +7,9 @@ treats the inner gradients as constants). The inner loop of all tasks of a
 meta-batch runs as one batched computation: the per-task meta-gradient is
 taken inside ``vmap`` (``vmap(grad(task_meta_loss))``), the gradients are
 averaged, and :meth:`training_loss` returns a surrogate whose gradient is that
-average (see :mod:`metarun.algorithms.functional` for why, and for the
-``strategy`` that replaces vmap by a loop over tasks where a loop is faster).
+average (see :mod:`metarun.algorithms.learner` for why, and
+:mod:`metarun.algorithms.task_batching` for the ``strategy`` that replaces vmap
+by grouped calls or a loop over tasks where those are faster).
 
 Regression datasets (``task_kind=regression``, e.g. ``dataset=sinusoid``)
 use an MSE loss and ``score = "mse"``; the head then has ``ways`` outputs
@@ -125,8 +126,7 @@ class MAML(FunctionalLearner):
             return query_outputs(fast, xs, xq)
         # Evaluation sizes a grouped call by the support images of one inner step (run_tasks'
         # call_images); its query forward, without gradients, then runs one task a call on a CPU, where
-        # that task's network runs channels_last (grouped_forward): an evaluation of 32 episodes took
-        # 1.07x (MAML), 1.13x (FOMAML), 1.10x (Meta-SGD) less time than in sub-calls of 16 tasks.
+        # that task's network runs channels_last (grouped_forward), faster than in sub-calls of many tasks.
         # Outside training every buffer is shared by the tasks.
         return map_chunks(query_outputs, (fast, xs, xq), 1 if xq.device.type == "cpu" else None)
 

@@ -52,9 +52,9 @@ class ProtoNet(Algorithm):
         ``mode`` is ``batch`` (training: support and query together, as in the
         paper), or an ``eval.bn_mode``. On a CPU each task goes through the
         backbone on its own: its activations stay cache-sized, and batch norm
-        takes its native single-group path (measured 1.5-2x faster than one
-        call for a meta-batch of 8-32 Omniglot tasks, see ``make bench``). An
-        accelerator takes all tasks in one call.
+        takes its native single-group path, faster than one call for a
+        meta-batch of Omniglot tasks (``docs/performance.md``). An accelerator
+        takes all tasks in one call.
         """
         t = episode.num_tasks
         if episode.support_x.device.type != "cpu" or t == 1:

@@ -11,7 +11,7 @@ update is the paper's ``θ ← θ + ε (mean φ − θ)`` and ``trainer.schedule
 anneals ε to zero. No gradient flows through the inner loop.
 
 The adaptation of all tasks is one batched computation (``vmap``, or the loop
-chosen by ``strategy``; see :mod:`metarun.algorithms.functional`). Evaluation
+chosen by ``strategy``; see :mod:`metarun.algorithms.task_batching`). Evaluation
 adapts from ``θ`` on each support set with ``inner_steps_eval`` full-batch
 steps of the same optimiser, exactly like MAML's evaluation, or, with
 ``inner_batch_eval``, steps on mini-batches of the support set (the paper's
@@ -24,8 +24,8 @@ from task to task, as in the paper's code, where one optimiser runs the tasks
 in sequence and only the weights are reset between them: every task of a
 meta-step starts from the state the tasks of the step before ended with, on
 average (as batch norm's running statistics), and evaluation starts from it
-too. On Omniglot (the README's 30-minute budget) it was worth 6 points of
-test accuracy: 94.9% against 89.5% with Adam afresh per task.
+too. On Omniglot (the README's 30-minute budget) it scored several points
+higher than Adam started afresh per task (``docs/performance.md``).
 
 The reported ``loss``/``acc`` are those of the last inner mini-batch, before
 its step.

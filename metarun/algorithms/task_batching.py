@@ -19,6 +19,8 @@ Execution strategy (``algo.strategy``):
 All run the same per-task function, so they agree to rounding. Written once for
 both forms, it sums per-task losses for inner gradients (each task's weights
 then get their own task's gradient) and averages them for meta-gradients.
+
+The measurements behind the constants below are in ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -37,13 +39,7 @@ STRATEGIES = ("auto", "grouped", "vmap", "loop")
 
 #: A grouped call (``strategy=grouped``) takes as many tasks as keep it at about this many images
 #: (``algo.chunk_size`` overrides): larger calls outgrow the caches. Images count in 28x28 Omniglot
-#: images; a 3x84x84 one is 27. Second-order MAML steps of 32 Omniglot tasks (2 threads, bf16, batch
-#: norm with its written-out double backward, :func:`metarun.models.norm.batch_norm`), in calls of
-#: 1, 2, 4 tasks (and 4, 8, 16 in a second run): 15 queries, 80 images a task, 1562, 1356, 1202 ms
-#: (1116, 1058, 1032 ms); 5-shot, 100 images, calls of 1, 4, 8 tasks 1914, 1665, 1617 ms; 1 query,
-#: 10 images, calls of 16 and 32 tasks 269 and 250 ms. First-order MAML and Reptile gained alike.
-#: miniImageNet tasks go one a call: calls of 1, 2, 4 took 494, 615, 605 ms (second-order MAML, 4
-#: tasks of 80 images) and 322, 374, 364 ms (Reptile, inner batches of 10 images).
+#: images; a 3x84x84 one is 27, so miniImageNet tasks go one a call.
 GROUPED_IMAGES_PER_CALL = 512
 OMNIGLOT_IMAGE_NUMEL = 28 * 28
 
@@ -58,14 +54,10 @@ def tasks_per_call(images_per_task: int, device: torch.device, image_numel: int 
 
 
 #: Without grouping, ``algo.strategy=auto`` uses vmap while a task forwards at most this many
-#: images through a convolutional backbone per inner step (support + query of
-#: one task), and a loop over tasks above it. Measured on 2 CPU cores, torch
-#: 2.13, Conv4-64 on 28x28 Omniglot, 16-32 tasks (``python scripts/maml_strategy.py``
-#: re-measures it): vmap/loop speed ratio, second order 1 step:
-#: 10 images 1.9x, 20 images 1.3x, 40 images 1.0x, 80 images 0.7x, 100 images 0.6x;
-#: evaluation (no meta-gradient) crosses over at about the same size.
-#: Fully connected backbones (no convolutions) batch into plain matmuls and
-#: vmap is never slower, so they always use it.
+#: images through a convolutional backbone per inner step (support + query of one task), and a
+#: loop over tasks above it, where vmap's grouped convolutions become the slower of the two
+#: (``python scripts/maml_strategy.py`` re-measures it). Fully connected backbones (no
+#: convolutions) batch into plain matmuls and vmap is never slower, so they always use it.
 AUTO_VMAP_MAX_IMAGES = 40
 
 
@@ -110,9 +102,8 @@ def fold_features(backbone: nn.Module, xs: torch.Tensor, xq: torch.Tensor, bn_mo
 
     On an accelerator all tasks go in one folded call. On a CPU, where gradients will be taken, a
     sequential backbone (Conv4) runs as one grouped network with shared weights, :func:`tasks_per_call`
-    tasks a call (:func:`_grouped_features`). Otherwise tasks go one a call, which beat one folded call
-    there (1.2 s vs 2.1 s forward + backward for 32 tasks of 30 images, Conv4, one thread) and, without
-    gradients, grouped calls too (an evaluation of 32 ANIL episodes 0.76x, of finetune 0.83x), with the
+    tasks a call (:func:`_grouped_features`). Otherwise tasks go one a call, whose activations stay
+    cache-sized: faster there than one folded call and, without gradients, than grouped calls, with the
     running statistics averaged over the calls (:func:`one_task_per_call`).
     """
     t = xs.shape[0]
@@ -131,8 +122,8 @@ def fold_features(backbone: nn.Module, xs: torch.Tensor, xq: torch.Tensor, bn_mo
 
 def _grouped_features(backbone: nn.Module, layers, xs: torch.Tensor, xq: torch.Tensor, bn_mode: str):
     """:func:`fold_features` as grouped calls: the tasks are channel groups (each normalised on its own)
-    of a network whose convolutions are ordinary ones over all their images. ANIL's meta-step of 32
-    5-way 1-shot 1-query tasks took 1.6x less time than with one call per task (bf16, 2 threads).
+    of a network whose convolutions are ordinary ones over all their images, faster with gradients than
+    one call per task.
 
     A training forward updates every task's own copy of the running statistics, support then query as
     one task's calls would, and they become the mean over tasks."""

@@ -97,9 +97,9 @@ class FusedGather:
     """:func:`gather_normalise` compiled into one loop that reads each byte and writes each float once.
 
     Eagerly, the gather, the conversion to float and the normalisation are separate passes over the
-    output; on 2 CPU cores a miniImageNet meta-batch (27 MB of floats) took 1.6-2.0 ms in 8 MB chunks
-    and 0.6-1.1 ms compiled, with identical values. Compiling costs 1.5-3 s once per process (symbolic
-    shapes: one kernel serves every episode size). Where compiling fails (no C++ compiler, a Python
+    output, which is memory-bound on a CPU; compiled they are one, with identical values
+    (``docs/performance.md``). Compiling costs seconds once per process (symbolic shapes: one kernel
+    serves every episode size). Where compiling fails (no C++ compiler, a Python
     that dynamo does not support), the sampler warns once and stays eager.
     """
 
@@ -139,8 +139,7 @@ class EpisodeSampler:
 
     ``dtype`` is the images' dtype: a run under bf16 or fp16 autocast gets them in that precision,
     normalised in float and rounded once, the values its first layer's autocast would round the float
-    images to. Half the bytes are written: a miniImageNet meta-batch sampled fused in 0.9-1.0 ms
-    instead of 1.2-1.5 (2 cores), where reading the split's bytes from memory is the larger part.
+    images to. Half the bytes are written, which makes sampling on a CPU, bound by memory traffic, faster.
     """
 
     def __init__(
@@ -213,9 +212,8 @@ class EpisodeSampler:
         """Normalised images (in ``dtype``) number ``index`` of the split's flattened [classes * n] images.
 
         Without a transform, a CPU gathers, converts and normalises ``CHUNK_BYTES`` of output at a
-        time: the three passes over each chunk then run in cache instead of in memory, 1.8x faster on
-        a miniImageNet meta-batch (27 MB of floats) on 2 cores and the same on an Omniglot one, which
-        fits in one chunk. A GPU does it in one go. Fused, it is one compiled pass.
+        time: the three passes over each chunk then run in cache instead of in memory. A GPU does it in
+        one go. Fused, it is one compiled pass.
         """
         pool = self.split.images.flatten(0, 1)
         if self.fused:

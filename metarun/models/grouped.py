@@ -15,6 +15,8 @@ MAML) is exact.
 Only backbones that are a plain sequence of the layers below (Conv4, MLP)
 can be grouped; :func:`grouped_layers` says which, and the algorithms fall
 back to ``vmap`` or a loop for the others (ResNet-12's residual blocks).
+
+The measurements behind the CPU paths below are in ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -35,8 +37,7 @@ def grouped_layers(backbone: nn.Module) -> list[tuple[str, nn.Module]] | None:
 
     A ReLU followed by a max-pool is run after it: the two commute exactly (values, and gradients of
     any order, since ReLU passes a gradient only where its output is positive), and the ReLU then
-    acts on a quarter of the elements. ANIL's meta-step at 5-way 1-shot 1 query took 1.04-1.06x less
-    time, second-order MAML's 1.03x, first-order MAML's the same.
+    acts on a quarter of the elements.
     """
     features = getattr(backbone, "features", None)
     if not getattr(backbone, "sequential", False) or not isinstance(features, nn.Sequential):
@@ -82,9 +83,8 @@ def grouped_forward(
     """
     tasks, n = x.shape[:2]
     h = x.transpose(0, 1).flatten(1, 2) if x.dim() > 3 else x.transpose(0, 1)  # [n, tasks * c, ...] or [n, tasks, d]
-    # One task without gradients (evaluation's query forward on a CPU) is a plain network: there
-    # channels_last convolutions and pooling without layout copies ran a Conv4 forward of 75 images
-    # 1.2x faster (bf16, 28x28 and 84x84). Grouped convolutions, and backward passes, were slower with it.
+    # One task without gradients (evaluation's query forward on a CPU) is a plain network, which runs
+    # faster channels_last, with no layout copies; grouped convolutions and backward passes run slower so.
     channels_last = h.device.type == "cpu" and h.dim() == 4 and tasks == 1 and not torch.is_grad_enabled()
     folded = None  # the norm layer folded into the convolution before it
     for i, (name, m) in enumerate(layers):
@@ -150,11 +150,9 @@ def folded_weights(
     first layer (9 taps) the covariance is a few thousand flops a task, and the batch norm's passes over
     the largest activation of the network (``[n, tasks * 64, 28, 28]``), forward and backward (and its
     double backward in a second-order step), are gone; gradients flow through the small tensors here,
-    exactly (the conv bias, which the normalisation cancels, gets a gradient of exactly 0). Meta-steps at
-    5-way 1-shot 1 query (bf16, 2 threads): second-order MAML 1.11x, FOMAML 1.07x, Reptile 1.04x, ANIL
-    1.02x; ProtoNet at 15 queries 1.03x; evaluations of MAML 1.04x and Reptile 1.03x. Forwards without
-    gradients keep the batch norm (a MAML evaluation was 0.98x folded there), and so do 3-channel images
-    (miniImageNet, second-order MAML 0.77x: the patches' covariance costs more than it saves).
+    exactly (the conv bias, which the normalisation cancels, gets a gradient of exactly 0). Forwards
+    without gradients keep the batch norm, and so do 3-channel images, where the patches' covariance
+    costs more than it saves (:func:`folds_into`).
     """
     w = _each(params[f"{conv_name}.weight"], tasks, 4)
     c = w.shape[1]
@@ -205,8 +203,7 @@ def images_conv2d_channels_last(x: torch.Tensor, w: torch.Tensor, b: torch.Tenso
     unfolded images with the weights (evaluation's query forward of one task).
 
     The native kernel's output for one input channel is NCHW, and copying it into channels_last took
-    as long as the convolution: 600 evaluation episodes of Meta-SGD 1.13x faster, FOMAML 1.05x, MAML
-    1.02x (5-way 1-shot 15 queries, bf16, 2 cores).
+    as long as the convolution itself.
     """
     cols, weights, size = _unfold_images(x, w, b, m.stride, m.padding, m.dilation, 1)
     y = torch.matmul(cols.transpose(2, 3), weights.transpose(1, 2))  # [n, 1, positions, out channels]
@@ -238,8 +235,7 @@ def _unfold_images(x, w, b, stride, padding, dilation, groups):
 def _conv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: nn.Conv2d, tasks: int) -> torch.Tensor:
     if w.dim() == 4:
         # Weights shared by every task (ANIL's backbone): one ordinary convolution of the n * tasks images,
-        # whose output is already [n, tasks * c, h, w]. Forward and backward of Conv4 for 32 tasks of 5
-        # 28x28 images (bf16, 2 threads) took 1.1-1.2x less time than as grouped convolutions. Weights with
+        # whose output is already [n, tasks * c, h, w], and faster than grouped convolutions. Weights with
         # NCHW strides keep the output in that layout under a channels_last model (``contiguous()`` is not
         # enough: a one-channel weight counts as contiguous in either layout).
         n = h.shape[0]
@@ -251,9 +247,8 @@ def _conv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: nn.Conv2d
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: nn.Conv2d, groups: int) -> torch.Tensor:
     """``m``'s convolution, grouped by task; on a CPU, that of single-channel images (Omniglot's first layer)
-    with the weight gradient of :class:`_ConvOfImages`. Measured against the native kernel (2 cores, bf16):
-    second-order MAML 5-way 1-shot 1 query 1.08x, first order 1.14x, evaluation 1.04x; with 3 channels
-    (miniImageNet's, one task a call) it was 0.91x, so those keep the native one."""
+    with the weight gradient of :class:`_ConvOfImages`, which beats the native kernel there; with 3 channels
+    (miniImageNet's) it does not, so those keep the native one."""
     images = x.device.type == "cpu" and groups > 1 and w.shape[1] == 1 and not x.requires_grad
     if images and torch.is_grad_enabled() and w.requires_grad:
         return _ConvOfImages.apply(x, w, b, m.stride, m.padding, m.dilation, groups)
@@ -264,13 +259,11 @@ class _ConvOfImages(torch.autograd.Function):
     """A grouped convolution of an input that needs no gradient, as one batched matrix product of each
     task's weights with the unfolded input, and the weight gradient as one of the output gradient with it.
 
-    On a CPU, oneDNN's grouped weight-gradient kernel runs Conv4's first layer (one input channel per
-    task) at about 10 GFLOP/s: 7 ms a call for 16 tasks of 5 28x28 images, six calls in a second-order
-    MAML step. The forward as a product (the bias as a row of ones, so that the sum is rounded once)
-    reuses the unfolded input for the backward: a meta-step at 5-way 1-shot 1 query 1.02x (first
-    order) and 1.02-1.03x (second order) faster than the native forward with an unfold in the
-    backward. The backward is written in differentiable operations, so a second-order gradient flows
-    through it as through the native one.
+    On a CPU, oneDNN's grouped weight-gradient kernel is slow for Conv4's first layer (one input
+    channel per task; six calls of it in a second-order MAML step). The forward as a product (the bias
+    as a row of ones, so that the sum is rounded once) unfolds the input once for both passes. The
+    backward is written in differentiable operations, so a second-order gradient flows through it as
+    through the native one.
     """
 
     @staticmethod
@@ -295,13 +288,11 @@ class _ConvOfImages(torch.autograd.Function):
 def max_pool2d(x: torch.Tensor, m: nn.MaxPool2d) -> torch.Tensor:
     """``m(x)`` for an NCHW ``x``, with the forward run by the channels_last kernel on a CPU.
 
-    There torch's NCHW max-pool kernel is 3-4x slower than its channels_last
-    one, even counting the copy into channels_last (8.1 vs 2.5 ms for
-    ``[10, 320, 28, 28]``, 2 threads): pooling was 17% of a Reptile step. Both
-    kernels pick the same maxima, and the backward is the native NCHW one, so
-    values and gradients (of every order) are unchanged. Where no gradient will be taken (a query
-    forward of several tasks a call; one task runs channels_last throughout, see :func:`grouped_forward`)
-    the kernel runs without indices: 1.07x an evaluation of 16 MAML episodes.
+    There torch's NCHW max-pool kernel is several times slower than its channels_last one, even
+    counting the copy into channels_last. Both kernels pick the same maxima, and the backward is the
+    native NCHW one, so values and gradients (of every order) are unchanged. Where no gradient will be
+    taken (a query forward of several tasks a call; one task runs channels_last throughout, see
+    :func:`grouped_forward`) the kernel runs without indices, which is cheaper.
     """
     if x.device.type != "cpu" or x.dim() != 4:
         return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
@@ -321,8 +312,7 @@ def _channels_last_planes(x: torch.Tensor) -> torch.Tensor:
 
     A grouped call has ``tasks * channels`` channels, and with thousands of them both the copy into
     channels_last and the kernel slow down. Pooling treats every plane alone, so planes can be
-    regrouped freely. Measured for ``[10, 2048, 28, 28]`` (second-order MAML, 32 tasks, bf16, 2 threads):
-    copy, pool and copy back took 16.4 ms whole and 9.3 ms as ``[160, 128, 28, 28]``.
+    regrouped freely into images of ``POOL_CHANNELS`` channels, where both run well.
     """
     return x.reshape(-1, math.gcd(x.shape[1], POOL_CHANNELS), *x.shape[2:]).contiguous(memory_format=torch.channels_last)
 

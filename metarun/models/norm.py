@@ -47,7 +47,7 @@ class EpisodeBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype and torch._C._functorch.is_functorch_wrapped_tensor(x):
             # autocast inside torch.func: batch norm's vmapped backward rejects a bf16/fp16 input with fp32
-            # statistics, so it runs in fp32 there (elsewhere the native mixed-precision kernel is 1.4x faster)
+            # statistics, so it runs in fp32 there (elsewhere the native mixed-precision kernel is faster)
             return self.normalize(x.to(self.weight.dtype)).to(x.dtype)
         return self.normalize(x)
 
@@ -178,12 +178,10 @@ def batch_norm(x: torch.Tensor, weight, bias, running_mean, running_var, momentu
     """``F.batch_norm`` with batch statistics; on a CPU, in :func:`differentiated_twice`, one whose second
     derivative is :class:`_BatchNormBackward`'s.
 
-    PyTorch's double backward of batch norm is some twenty full-size operations, with a bf16 input
-    mixed with fp32 statistics and weights: 48 ms for ``[5, 1024, 28, 28]`` (the first layer of a
-    grouped second-order MAML call) against 11 ms here, both including the forward and backward
-    (2 threads); second-order MAML and Meta-SGD steps took 1.33x less time. A Python function costs
-    more per call than the native one, so forward passes whose gradient is taken once keep it
-    (first-order MAML 0.95x, Reptile 0.94x with this one everywhere).
+    PyTorch's double backward of batch norm is some twenty full-size operations that mix a bf16 input
+    with fp32 statistics and weights; this one runs every full-size operation in the input's precision,
+    several times faster (``docs/performance.md``). A Python function costs more per call than the
+    native one, so forward passes whose gradient is taken once keep the native one.
     """
     if not _TWICE.get() or x.device.type != "cpu" or weight is None or not torch.is_grad_enabled():
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
