@@ -40,9 +40,13 @@ def extract(archive: Path, into: Path) -> Path:
         else:
             _extract_tar(archive, into)
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise DataError(f"{archive} is not a complete archive ({type(e).__name__}: {e}): delete it and download it again") from None
+        raise DataError(
+            f"{archive} is not a complete archive ({type(e).__name__}: {e}): delete it and download it again"
+        ) from None
     except OSError as e:
-        raise DataError(f"cannot unpack {archive} into {into} ({e.strerror or e}): free some space or unpack it by hand") from None
+        raise DataError(
+            f"cannot unpack {archive} into {into} ({e.strerror or e}): free some space or unpack it by hand"
+        ) from None
     done.touch()
     return into
 
@@ -98,5 +102,7 @@ def fetch_unpacked(
             extract(archive, root)
     found = find(root)
     if found is None:
-        raise DataError(f"{', '.join(a[0] for a in archives)} in {root} did not unpack into {what}'s layout: delete them and download them again")
+        raise DataError(
+            f"{', '.join(a[0] for a in archives)} in {root} did not unpack into {what}'s layout: delete them and download them again"
+        )
     return found

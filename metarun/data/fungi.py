@@ -74,14 +74,20 @@ def _build(base: Path, image_size: int, channels: int, max_per_class: int | None
             for a in index["annotations"]:
                 photos.setdefault(int(a["category_id"]), []).append(base / file_of[a["image_id"]])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path} is not FGVCx Fungi's annotation file ({type(e).__name__}: {e}): replace it with the official one") from None
+            raise DataError(
+                f"{path} is not FGVCx Fungi's annotation file ({type(e).__name__}: {e}): replace it with the official one"
+            ) from None
     if sorted(names) != list(range(FUNGI_CATEGORIES)):
-        raise DataError(f"{base / ANNOTATIONS[0]} does not list categories 0-{FUNGI_CATEGORIES - 1}: replace it with the official file")
+        raise DataError(
+            f"{base / ANNOTATIONS[0]} does not list categories 0-{FUNGI_CATEGORIES - 1}: replace it with the official file"
+        )
     splits = {}
     for split, ids in FUNGI.items():
         empty = next((i for i in ids if not photos.get(i)), None)
         if empty is not None:
-            raise DataError(f"{base} has no annotated photo of category {empty} ({names[empty]}): replace train.json and val.json")
+            raise DataError(
+                f"{base} has no annotated photo of category {empty} ({names[empty]}): replace train.json and val.json"
+            )
         files = [evenly_spaced(photos[i], max_per_class) for i in ids]
         class_names = [f"{i:04d}.{names[i]}" for i in ids]
         splits[split] = decode_classes(files, class_names, image_size, channels, f"decoding fungi {split}")

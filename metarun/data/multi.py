@@ -209,7 +209,9 @@ def load(sources: Sequence, weights: Sequence[float] | None = None) -> MultiSour
     shapes = {label: d.image_shape for label, d in datasets.items()}
     if len(set(shapes.values())) > 1:
         shown = ", ".join(f"{label} {'x'.join(map(str, s))}" for label, s in shapes.items())
-        raise ConfigError(f"dataset.sources give images of different shapes ({shown}): set their image_size and channels to agree")
+        raise ConfigError(
+            f"dataset.sources give images of different shapes ({shown}): set their image_size and channels to agree"
+        )
     mean, std = pooled_stats(list(datasets.values()))
     total = float(sum(weights))
     return MultiSourceDataset("+".join(datasets), datasets, tuple(float(w) / total for w in weights), mean, std)

@@ -44,7 +44,11 @@ def url_of(name: str) -> str:
 
 
 def load(
-    root: str = "data/quickdraw", download: bool = False, image_size: int = 28, channels: int = 1, max_per_class: int | None = 1000
+    root: str = "data/quickdraw",
+    download: bool = False,
+    image_size: int = 28,
+    channels: int = 1,
+    max_per_class: int | None = 1000,
 ) -> FewShotDataset:
     """Quick, Draw! bitmaps from ``root``, downloaded there when missing and ``download`` is true."""
     if channels not in MODES:

@@ -46,7 +46,11 @@ def find(root: Path) -> Path | None:
 
 
 def load(
-    root: str = "data/traffic_sign", download: bool = True, image_size: int = 84, channels: int = 3, max_per_class: int | None = None
+    root: str = "data/traffic_sign",
+    download: bool = True,
+    image_size: int = 84,
+    channels: int = 3,
+    max_per_class: int | None = None,
 ) -> FewShotDataset:
     """GTSRB's training images from ``root`` as a test-only dataset, downloaded there when missing and ``download`` is true."""
     root_path = Path(root).expanduser()

@@ -49,7 +49,11 @@ def find(root: Path) -> Path | None:
 
 
 def load(
-    root: str = "data/vgg_flower", download: bool = True, image_size: int = 84, channels: int = 3, max_per_class: int | None = None
+    root: str = "data/vgg_flower",
+    download: bool = True,
+    image_size: int = 84,
+    channels: int = 3,
+    max_per_class: int | None = None,
 ) -> FewShotDataset:
     """Oxford 102 Flowers from ``root``, downloaded there when missing and ``download`` is true."""
     root_path = Path(root).expanduser()
