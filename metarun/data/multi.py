@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from metarun.data.episodes import Batch, Episode, EpisodeIndices, EpisodeSampler
 from metarun.data.split import FewShotDataset
@@ -180,7 +181,7 @@ def per_source(scores: Sequence[float], sources: Sequence[str]) -> dict[str, lis
 
 def load(sources: Sequence, weights: Sequence[float] | None = None) -> MultiSourceDataset:
     """The datasets named in ``sources`` (names, or mappings of ``name`` and that dataset's keys)."""
-    from metarun.config import SCHEMAS, check_values
+    from metarun.config import SCHEMAS, check_values, unknown_key
     from metarun.factory import build_dataset
 
     if not sources:
@@ -193,7 +194,12 @@ def load(sources: Sequence, weights: Sequence[float] | None = None) -> MultiSour
             choices = ", ".join(n for n in SCHEMAS["dataset"] if n not in NOT_SOURCES)
             raise ConfigError(f"dataset.sources[{i}]={name}: a source is one of {choices} (a name or {{name: ..., key: value}})")
         schema = SCHEMAS["dataset"][name]
-        node = OmegaConf.merge(OmegaConf.structured(schema), options)
+        try:
+            node = OmegaConf.merge(OmegaConf.structured(schema), options)
+        except ConfigKeyError as e:
+            raise unknown_key(f"dataset.sources[{i}].{e.key}", schema) from None
+        except ValidationError as e:
+            raise ConfigError(f"dataset.sources[{i}].{e.key}: {e.msg}") from None
         assert isinstance(node, DictConfig)
         check_values(node, schema, f"dataset.sources[{i}].")
         label = name if name not in datasets else f"{name}#{i}"
