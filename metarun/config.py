@@ -184,7 +184,7 @@ class TrafficSignConfig(DomainConfig):
 class MultiConfig(DatasetConfig):
     _target_: str = "metarun.data.multi.load"
     #: dataset names, or {name: ..., key: value} mappings; training episodes each come from one of them
-    sources: list[Any] = field(default_factory=list)
+    sources: list[Any] = MISSING
     #: relative frequency of each source's training episodes (null: equal)
     weights: Optional[list[float]] = None
 
