@@ -114,6 +114,73 @@ class FolderConfig(DatasetConfig):
     root: Optional[str] = None
 
 
+@dataclass
+class DomainConfig(DatasetConfig):
+    """The keys of the Meta-Dataset domains (aircraft, vgg_flower, dtd, fungi, quickdraw, traffic_sign)."""
+
+    root: str = MISSING
+    #: download the public archive into `root` when it is missing (md5-checked)
+    download: bool = True
+    image_size: int = at_least(1, 84)
+    #: 3 (RGB) or 1 (grayscale)
+    channels: int = choice(3, 1)
+    #: at most this many images of a class, evenly spread over it (null: all of them)
+    max_per_class: Optional[int] = None
+
+
+@dataclass
+class AircraftConfig(DomainConfig):
+    _target_: str = "metarun.data.aircraft.load"
+    root: str = "data/aircraft"
+
+
+@dataclass
+class VggFlowerConfig(DomainConfig):
+    _target_: str = "metarun.data.vgg_flower.load"
+    root: str = "data/vgg_flower"
+
+
+@dataclass
+class DTDConfig(DomainConfig):
+    _target_: str = "metarun.data.dtd.load"
+    root: str = "data/dtd"
+
+
+@dataclass
+class FungiConfig(DomainConfig):
+    _target_: str = "metarun.data.fungi.load"
+    root: str = "data/fungi"
+    #: off: the images are 13 GB
+    download: bool = False
+
+
+@dataclass
+class QuickDrawConfig(DomainConfig):
+    _target_: str = "metarun.data.quickdraw.load"
+    root: str = "data/quickdraw"
+    #: off: the 345 files are 37 GB
+    download: bool = False
+    image_size: int = at_least(1, 28)
+    channels: int = choice(1, 3)
+    #: drawings kept of each category's 100k-300k (null: all, 37 GB in memory)
+    max_per_class: Optional[int] = 1000
+
+
+@dataclass
+class TrafficSignConfig(DomainConfig):
+    _target_: str = "metarun.data.traffic_sign.load"
+    root: str = "data/traffic_sign"
+
+
+@dataclass
+class MultiConfig(DatasetConfig):
+    _target_: str = "metarun.data.multi.load"
+    #: dataset names, or {name: ..., key: value} mappings; training episodes each come from one of them
+    sources: list[Any] = MISSING
+    #: relative frequency of each source's training episodes (null: equal)
+    weights: Optional[list[float]] = None
+
+
 # -- backbones ------------------------------------------------------------------
 @dataclass
 class Conv4Config:
@@ -262,6 +329,13 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "fc100": FC100Config,
         "cub": CUBConfig,
         "folder": FolderConfig,
+        "aircraft": AircraftConfig,
+        "vgg_flower": VggFlowerConfig,
+        "dtd": DTDConfig,
+        "fungi": FungiConfig,
+        "quickdraw": QuickDrawConfig,
+        "traffic_sign": TrafficSignConfig,
+        "multi": MultiConfig,
     },
     "backbone": {"conv4": Conv4Config, "resnet12": ResNet12Config, "mlp": MLPConfig},
 }

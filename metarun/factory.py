@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun.algorithms.base import Algorithm
 from metarun.data.episodes import EpisodeSampler
+from metarun.data.multi import MultiSourceDataset
 from metarun.data.split import FewShotDataset
 from metarun.device import input_dtype
 from metarun.errors import ConfigError
@@ -39,7 +40,8 @@ def data_device(dataset: FewShotDataset, device: torch.device, on_device: str) -
     if on_device == "false":
         return torch.device("cpu")
     if device.type == "cuda":
-        need = sum(s.images.numel() for s in dataset.splits.values())
+        parts = dataset.sources.values() if isinstance(dataset, MultiSourceDataset) else [dataset]
+        need = sum(s.images.numel() for d in parts for s in d.splits.values())
         free, _ = torch.cuda.mem_get_info(device)
         return device if need < 0.5 * free else torch.device("cpu")
     return device
@@ -62,6 +64,9 @@ def build_sampler(
 ) -> EpisodeSampler:
     """Episodes for a run on ``device``, sampled where the split lives (``data_device``, default ``device``), with
     images in the dtype the run's ``precision`` (autocast) computes its first layer in."""
+    if isinstance(dataset, MultiSourceDataset):  # one engine sampler per source, each with this run's options
+        engine = dict(augment=augment, channels_last=channels_last, data_device=data_device, fused=fused, precision=precision)
+        return dataset.sampler(split, ways, shots, queries, seed, device, **engine)
     if hasattr(dataset, "sampler"):  # datasets that generate their tasks (e.g. regression toys)
         return dataset.sampler(split, ways=ways, shots=shots, queries=queries, seed=seed, device=device)
     transform = None
@@ -95,7 +100,9 @@ def build_algorithm(cfg: DictConfig, dataset: FewShotDataset) -> Algorithm:
     backbone = instantiate(cfg.backbone, in_shape=input_shape(dataset), _convert_="all")
     extra: dict[str, Any] = {}
     params = _init_params(cfg.algo)
-    if hasattr(dataset, "splits") and "num_train_classes" in params:
+    if isinstance(dataset, MultiSourceDataset) and "num_train_classes" in params:
+        extra["num_train_classes"] = dataset.num_train_classes
+    elif hasattr(dataset, "splits") and "num_train_classes" in params:
         extra["num_train_classes"] = dataset.splits["train"].num_classes
     if "task_kind" in params:  # classification | regression: the algorithm picks its loss, head and score from it
         extra["task_kind"] = getattr(dataset, "task_kind", "classification")

@@ -70,6 +70,11 @@ def check_episode(
     for key, value in zip(keys, (ways, shots, queries), strict=True):
         if value <= 0:
             raise ConfigError(f"{key}={value}: episode sizes must be positive")
+    if split.num_classes == 0:  # e.g. traffic_sign, whose classes are all for testing (as in Meta-Dataset)
+        raise ConfigError(
+            f"the dataset's {split_name} split has no classes: it is for evaluation only, so train on another dataset "
+            "and evaluate the run on this one"
+        )
     if ways > split.num_classes:
         raise ConfigError(f"{ways_key}={ways} but the {split_name} split has only {split.num_classes} classes: lower {ways_key}")
     per_class = split.min_images_per_class

@@ -28,9 +28,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from metarun.data.split import FewShotDataset, Split
-from metarun.errors import DataError
+from metarun.errors import ConfigError, DataError
 
 ImageSource = str | os.PathLike | bytes
+Box = tuple[int, int, int, int]  # left, upper, right, lower, in the file's pixels (Pillow's crop box)
 
 MODES = {1: "L", 3: "RGB"}
 ROW_CHUNK_BYTES = 64 << 20  # rows read or scattered at once: bounded extra memory, few Python steps
@@ -46,10 +47,13 @@ def image_extensions() -> frozenset[str]:
     )
 
 
-def _decode_one(source: ImageSource, name: str, size: int, mode: str) -> np.ndarray:
+def _decode_one(source: ImageSource, name: str, size: int, mode: str, box: Box | None = None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            image.draft(mode, (size, size))  # JPEG decodes at 1/2, 1/4 or 1/8 scale when that still covers the size
+            if box is None:
+                image.draft(mode, (size, size))  # JPEG decodes at 1/2, 1/4 or 1/8 scale when that still covers the size
+            else:
+                image = _crop(image, box, size, mode)
             ImageOps.exif_transpose(image, in_place=True)  # photos from phones store their rotation in EXIF
             image = image.convert(mode)
             if image.size != (size, size):
@@ -60,6 +64,18 @@ def _decode_one(source: ImageSource, name: str, size: int, mode: str) -> np.ndar
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
+def _crop(image: Image.Image, box: Box, size: int, mode: str) -> Image.Image:
+    """``image`` cut to ``box`` (left, upper, right, lower in the file's pixels), drafted at the coarsest JPEG
+    scale at which the box still covers ``size``."""
+    width, height = image.size
+    left, upper, right, lower = box
+    if not (0 <= left < right <= width and 0 <= upper < lower <= height):
+        raise ValueError(f"box {tuple(box)} outside the {width}x{height} image")
+    image.draft(mode, (max(1, size * width // (right - left)), max(1, size * height // (lower - upper))))
+    sx, sy = image.size[0] / width, image.size[1] / height
+    return image.crop((round(left * sx), round(upper * sy), max(round(right * sx), 1), max(round(lower * sy), 1)))
+
+
 def _reason(error: Exception) -> str:
     if isinstance(error, UnidentifiedImageError):
         return "not an image format Pillow can decode"
@@ -68,15 +84,20 @@ def _reason(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _decode_into(jobs: Sequence[tuple[ImageSource, str, np.ndarray]], size: int, channels: int, description: str) -> None:
-    """Decode each ``(source, name, destination)`` into its ``[C, H, W]`` destination view."""
+def _decode_into(
+    jobs: Sequence[tuple[ImageSource, str, np.ndarray] | tuple[ImageSource, str, np.ndarray, Box | None]],
+    size: int,
+    channels: int,
+    description: str,
+) -> None:
+    """Decode each ``(source, name, destination[, crop box])`` into its ``[C, H, W]`` destination view."""
     if channels not in MODES:
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     mode = MODES[channels]
 
-    def work(job: tuple[ImageSource, str, np.ndarray]) -> None:
-        source, name, dest = job
-        dest[...] = _decode_one(source, name, size, mode)
+    def work(job) -> None:
+        source, name, dest, *box = job
+        dest[...] = _decode_one(source, name, size, mode, box[0] if box else None)
         progress.advance(task)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -116,12 +137,18 @@ def decode_classes(
     size: int,
     channels: int = 3,
     description: str = "decoding images",
+    boxes: Sequence[Sequence[Box]] | None = None,
 ) -> Split:
-    """One split from the image files of each class, padded to the largest class."""
+    """One split from the image files of each class, padded to the largest class; ``boxes`` (one per file,
+    like ``files``) crops each image to its box before resizing."""
     sizes = [len(f) for f in files]
     out = torch.zeros((len(files), max(sizes), channels, size, size), dtype=torch.uint8)
     view = out.numpy()
-    jobs = [(s, str(s), view[c, j]) for c, class_files in enumerate(files) for j, s in enumerate(class_files)]
+    jobs = [
+        (s, str(s), view[c, j], None if boxes is None else boxes[c][j])
+        for c, class_files in enumerate(files)
+        for j, s in enumerate(class_files)
+    ]
     _decode_into(jobs, size, channels, description)
     return Split(out, class_names, _counts(np.asarray(sizes)))
 
@@ -170,6 +197,21 @@ def group_by_class(
     if start != len(labels) or out is None:
         raise DataError(f"{source} holds {start} images for {len(labels)} labels: replace it with the complete file")
     return Split(torch.from_numpy(out), class_names, _counts(counts))
+
+
+def evenly_spaced(items: Sequence, limit: int | None) -> list:
+    """At most ``limit`` of ``items``, spread evenly over them in their order (all of them when ``limit`` is None):
+    a deterministic cap that keeps the variety of a class whose files come in runs of near-duplicates."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"dataset.max_per_class={limit} must be positive (or null: every image)")
+    if limit is None or len(items) <= limit:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(np.int64)]
+
+
+def empty_split(channels: int, size: int) -> Split:
+    """A split with no classes, for a dataset that has none there (an evaluation-only dataset's train split)."""
+    return Split(torch.zeros((0, 1, channels, size, size), dtype=torch.uint8), [])
 
 
 def _counts(sizes: np.ndarray) -> torch.Tensor | None:
