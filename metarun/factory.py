@@ -109,7 +109,7 @@ def build_algorithm(cfg: DictConfig, dataset: FewShotDataset, pretrained_weights
     steps = cfg.get("trainer", {}).get("steps", 0)
     if steps and not any(p.requires_grad for p in algorithm.parameters()):
         raise ConfigError(
-            f"backbone.freeze=all leaves algo={cfg.algo._target_.rsplit('.', 1)[-1]} nothing to train: set "
+            f"backbone.freeze=all leaves algo={cfg.algo._target_.rsplit('.', 1)[-1].lower()} nothing to train: set "
             "trainer.steps=0 to evaluate the frozen backbone as it is, or backbone.freeze=bn or none"
         )
     return algorithm

@@ -35,7 +35,7 @@ def resize_grid(pos: torch.Tensor, grid: int) -> torch.Tensor:
     if g == grid:
         return pos
     square = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    out = F.interpolate(square.float(), size=(grid, grid), mode="bicubic", align_corners=False).to(pos.dtype)
+    out = F.interpolate(square, size=(grid, grid), mode="bicubic", align_corners=False)
     return out.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
 
 
