@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+import sys
 import urllib.error
 import zipfile
 from collections.abc import Mapping
@@ -77,8 +78,10 @@ def set_aside(path: Path) -> Path:
     return aside
 
 
-def fetch_published(arch: str, progress: bool = True) -> dict[str, torch.Tensor]:
-    """The publisher's state dict for ``arch``: from the hub cache, downloaded there first if missing."""
+def fetch_published(arch: str, progress: bool | None = None) -> dict[str, torch.Tensor]:
+    """The publisher's state dict for ``arch``: from the hub cache, downloaded there first if missing
+    (with torch.hub's progress bar, by default where stderr is a terminal)."""
+    progress = sys.stderr.isatty() if progress is None else progress
     url = URLS[arch]
     name = file_name(url)
     path = cache_dir() / name
@@ -158,7 +161,7 @@ class PretrainedBackbone(nn.Module):
     arch: str = ""
     #: keys of the published file that belong to its classifier head (dropped: the algorithms bring their own)
     head_prefixes: tuple[str, ...] = ()
-    #: the published image-grid the network was trained on; a multiple of this is required (ViT's patches)
+    #: image sizes must be a multiple of this (ViT's 16-pixel patches)
     size_multiple: int = 1
     min_image_size: int = 16
     #: not a plain sequence of layers: MAML-style learners use their vmap or loop strategies
@@ -178,8 +181,8 @@ class PretrainedBackbone(nn.Module):
         if len(in_shape) != 3 or in_shape[0] not in (1, 3):
             raise ConfigError(f"backbone={self.arch} takes 1- or 3-channel images; the dataset's are {tuple(in_shape)}")
         if image_size < self.min_image_size or image_size % self.size_multiple:
-            need = f"a multiple of {self.size_multiple} " if self.size_multiple > 1 else ""
-            raise ConfigError(f"backbone.image_size={image_size}: {self.arch} needs {need}of at least {self.min_image_size}")
+            need = f"a multiple of {self.size_multiple}, " if self.size_multiple > 1 else ""
+            raise ConfigError(f"backbone.image_size={image_size}: {self.arch} needs {need}at least {self.min_image_size}")
         if freeze not in FREEZE_MODES:
             raise ConfigError(f"backbone.freeze={freeze}: valid values are {', '.join(FREEZE_MODES)}")
         if normalize not in NORMALIZE:
