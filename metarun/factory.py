@@ -128,6 +128,7 @@ def backbone_extras(cfg: DictConfig, dataset: FewShotDataset, pretrained_weights
             console.print(
                 "note: every class of this dataset is an ImageNet-1k class, so ImageNet weights have seen its test "
                 "classes: scores are not comparable with those of backbones trained on its training split alone",
+                soft_wrap=True,
                 markup=False,
                 highlight=False,
             )

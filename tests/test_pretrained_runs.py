@@ -14,7 +14,7 @@ from metarun.algorithms.finetune import Finetune
 from metarun.config import TrainConfig, check_values
 from metarun.data.episodes import Batch, Episode
 from metarun.errors import ConfigError
-from metarun.factory import build_algorithm, build_dataset
+from metarun.factory import backbone_extras, build_algorithm, build_dataset
 from metarun.models import pretrained
 from metarun.models.resnet import ResNet18
 from metarun.trainer import train
@@ -119,3 +119,19 @@ def test_finetune_pretrains_and_fits_heads_on_a_frozen_statistics_backbone():
     assert finetune.backbone.conv1.weight.grad is not None
     scores = finetune.eval().evaluate(episode(tasks=2, ways=5, shots=1, queries=2), "running")
     assert scores.shape == (2,) and ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_imagenet_weights_on_an_imagenet_subset_are_flagged_once(compose_config, capsys):
+    class Stats:
+        mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+    for dataset, weights, flagged in [
+        ("miniimagenet", "imagenet", True),
+        ("cub", "imagenet", False),
+        ("miniimagenet", "none", False),
+    ]:
+        cfg = compose_config("train", [f"dataset={dataset}", "backbone=resnet18", f"backbone.weights={weights}"])
+        extras = backbone_extras(cfg, Stats(), pretrained_weights=True)
+        assert extras["data_stats"] == (Stats.mean, Stats.std) and extras["load_weights"]
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if "ImageNet weights have seen its test classes" in ln]
+        assert len(lines) == flagged and all(ln.startswith("note: ") for ln in lines), dataset
