@@ -201,6 +201,41 @@ class MLPConfig:
     hidden: list[int] = field(default_factory=lambda: [40, 40])
 
 
+@dataclass
+class PretrainedConfig:
+    """The backbones with published weights (metarun/models/pretrained.py)."""
+
+    _target_: str = MISSING
+    #: imagenet (the publisher's file, downloaded once into torch's hub cache) | none (random) | a .pth/.pt path
+    weights: str = "imagenet"
+    #: images are resized to this on the device (vit_s16: a multiple of 16)
+    image_size: int = at_least(16, 224)
+    #: none (all trained) | bn (batch-norm statistics fixed) | all (every weight fixed)
+    freeze: str = choice("none", "bn", "all")
+    #: auto (ImageNet's mean and std with weights=imagenet, else the dataset's) | imagenet | dataset
+    normalize: str = choice("auto", "imagenet", "dataset")
+
+
+@dataclass
+class ResNet18Config(PretrainedConfig):
+    _target_: str = "metarun.models.resnet.ResNet18"
+
+
+@dataclass
+class ResNet50Config(PretrainedConfig):
+    _target_: str = "metarun.models.resnet.ResNet50"
+
+
+@dataclass
+class VGG16Config(PretrainedConfig):
+    _target_: str = "metarun.models.vgg.VGG16"
+
+
+@dataclass
+class ViTS16Config(PretrainedConfig):
+    _target_: str = "metarun.models.vit.ViTS16"
+
+
 # -- the rest ---------------------------------------------------------------------
 @dataclass
 class DeviceConfig:
@@ -337,7 +372,15 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "traffic_sign": TrafficSignConfig,
         "multi": MultiConfig,
     },
-    "backbone": {"conv4": Conv4Config, "resnet12": ResNet12Config, "mlp": MLPConfig},
+    "backbone": {
+        "conv4": Conv4Config,
+        "resnet12": ResNet12Config,
+        "mlp": MLPConfig,
+        "resnet18": ResNet18Config,
+        "resnet50": ResNet50Config,
+        "vgg16": VGG16Config,
+        "vit_s16": ViTS16Config,
+    },
 }
 
 

@@ -18,6 +18,8 @@ from metarun.data.multi import MultiSourceDataset
 from metarun.data.split import FewShotDataset
 from metarun.device import input_dtype
 from metarun.errors import ConfigError
+from metarun.models.pretrained import IMAGENET_SUBSETS
+from metarun.progress import console
 
 #: dataset keys that belong to the episode engine, not to the loader
 ENGINE_KEYS = ("augment", "on_device")
@@ -96,8 +98,12 @@ def input_shape(dataset: FewShotDataset) -> tuple[int, ...]:
     return tuple(dataset.image_shape)
 
 
-def build_algorithm(cfg: DictConfig, dataset: FewShotDataset) -> Algorithm:
-    backbone = instantiate(cfg.backbone, in_shape=input_shape(dataset), _convert_="all")
+def build_algorithm(cfg: DictConfig, dataset: FewShotDataset, pretrained_weights: bool = True) -> Algorithm:
+    """The run's algorithm around its backbone. ``pretrained_weights=False`` skips reading a pre-trained
+    backbone's weight file, for a model whose checkpoint is loaded next."""
+    backbone = instantiate(
+        cfg.backbone, in_shape=input_shape(dataset), _convert_="all", **backbone_extras(cfg, dataset, pretrained_weights)
+    )
     extra: dict[str, Any] = {}
     params = _init_params(cfg.algo)
     if isinstance(dataset, MultiSourceDataset) and "num_train_classes" in params:
@@ -106,7 +112,34 @@ def build_algorithm(cfg: DictConfig, dataset: FewShotDataset) -> Algorithm:
         extra["num_train_classes"] = dataset.splits["train"].num_classes
     if "task_kind" in params:  # classification | regression: the algorithm picks its loss, head and score from it
         extra["task_kind"] = getattr(dataset, "task_kind", "classification")
-    return instantiate(cfg.algo, backbone=backbone, ways=cfg.task.ways, _convert_="all", **extra)
+    algorithm = instantiate(cfg.algo, backbone=backbone, ways=cfg.task.ways, _convert_="all", **extra)
+    steps = cfg.get("trainer", {}).get("steps", 0)
+    if steps and not any(p.requires_grad for p in algorithm.parameters()):
+        raise ConfigError(
+            f"backbone.freeze=all leaves algo={cfg.algo._target_.rsplit('.', 1)[-1].lower()} nothing to train: set "
+            "trainer.steps=0 to evaluate the frozen backbone as it is, or backbone.freeze=bn or none"
+        )
+    return algorithm
+
+
+def backbone_extras(cfg: DictConfig, dataset: FewShotDataset, pretrained_weights: bool) -> dict[str, Any]:
+    """What a pre-trained backbone takes besides its config: the statistics the episode engine normalises
+    images with (its input adapter maps them to its weights' own) and whether to read its weight file."""
+    params = _init_params(cfg.backbone)
+    extra: dict[str, Any] = {}
+    if "data_stats" in params and getattr(dataset, "mean", None) is not None:
+        extra["data_stats"] = (tuple(dataset.mean), tuple(dataset.std))
+    if "load_weights" in params:
+        extra["load_weights"] = pretrained_weights
+        if pretrained_weights and cfg.backbone.get("weights") == "imagenet" and cfg.dataset.get("_target_") in IMAGENET_SUBSETS:
+            console.print(
+                "note: every class of this dataset is an ImageNet-1k class, so ImageNet weights have seen its test "
+                "classes: scores are not comparable with those of backbones trained on its training split alone",
+                soft_wrap=True,
+                markup=False,
+                highlight=False,
+            )
+    return extra
 
 
 def _init_params(node: DictConfig) -> set[str]:
@@ -126,7 +159,8 @@ def _init_params(node: DictConfig) -> set[str]:
 
 
 def build_optimizer(algorithm: Algorithm, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    params = [p for p in algorithm.parameters() if p.requires_grad]
+    # a frozen backbone under ProtoNet trains nothing: an empty group lets a run of trainer.steps=0 evaluate it
+    params = [p for p in algorithm.parameters() if p.requires_grad] or [{"params": []}]
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":

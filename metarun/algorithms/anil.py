@@ -102,7 +102,9 @@ class ANIL(MAML):
         """Each task's backbone forward and backward in turn, so that one task's activations are alive
         at a time, not the meta-batch's (see :meth:`task_by_task`). The meta-gradient is accumulated
         here and handed over as a surrogate, as MAML's is."""
-        backbone, fixed_head = dict(self.backbone.named_parameters()), self.detached(head)
+        # a frozen backbone (backbone.freeze=all) has no weights to differentiate
+        backbone = {k: p for k, p in self.backbone.named_parameters() if p.requires_grad}
+        fixed_head = self.detached(head)
         sums, losses, scores = None, [], []
         with one_task_per_call(self.backbone) as next_task:
             for t in range(batch.num_tasks):
@@ -110,7 +112,7 @@ class ANIL(MAML):
                 (g_head, g_zs, g_zq), loss, score = self.task_meta_gradient(
                     fixed_head, zs[0].detach(), batch.support_y[t], zq[0].detach(), batch.query_y[t]
                 )
-                g_backbone = torch.autograd.grad([zs, zq], list(backbone.values()), [g_zs[None], g_zq[None]])
+                g_backbone = torch.autograd.grad([zs, zq], list(backbone.values()), [g_zs[None], g_zq[None]]) if backbone else ()
                 next_task()
                 grads = [*tree_flatten(g_head)[0], *g_backbone]
                 sums = grads if sums is None else [a + b for a, b in zip(sums, grads, strict=True)]
