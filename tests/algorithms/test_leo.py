@@ -186,6 +186,7 @@ def test_a_frozen_backbone_from_a_pre_trained_run_stays_as_loaded(tmp_path, comp
 
 @pytest.mark.slow
 def test_learns(tmp_path, compose_config, glyph_root, one_thread):
-    """Measured: TBD."""
+    """Measured (one thread, sharing 2 cores with another run): 0.788 after 400 steps of 4 tasks, 0.225 untrained,
+    3 minutes in all; 300 steps scored 0.757 at this learning rate and 0.732 at 0.001."""
     run = ["backbone.hidden=32", "trainer.steps=400", "task.meta_batch=4", "trainer.lr=0.003"]
     learns("leo", run, compose_config, glyph_root, tmp_path)

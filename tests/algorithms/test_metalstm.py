@@ -158,5 +158,7 @@ def test_train_and_evaluate_through_the_runner(tmp_path, compose_config, tiny):
 
 @pytest.mark.slow
 def test_learns(tmp_path, compose_config, glyph_root, one_thread):
-    """Measured: TBD."""
+    """Measured outside pytest with the same overrides (one thread, sharing 2 cores with another run): 0.751 after
+    300 steps of 4 tasks (training accuracy 0.73 after 150), in 8 minutes: too slow for this test's budget, and the
+    untrained score was not measured; see the report of this change."""
     learns("metalstm", ["backbone.hidden=16", "trainer.steps=300"], compose_config, glyph_root, tmp_path)
