@@ -151,5 +151,8 @@ def test_cli_eval_with_another_bn_mode(tmp_path, tiny):
 
 @pytest.mark.slow
 def test_learns(tmp_path, compose_config, glyph_root, one_thread):
-    """Measured: TBD."""
-    learns("incontext", ["backbone.hidden=32", "trainer.steps=300"], compose_config, glyph_root, tmp_path)
+    """Measured (one thread, alone on 2 cores): 0.770 after 900 steps of 4 tasks, 0.200 untrained, 2.5 minutes
+    in all; 600 steps scored 0.658. Sequence models learn this slower than the other algorithms (a plateau at chance
+    first), hence the longer run."""
+    run = ["backbone.hidden=32", "trainer.steps=900", "task.meta_batch=4"]
+    learns("incontext", run, compose_config, glyph_root, tmp_path)
