@@ -1,0 +1,212 @@
+"""Meta-learner LSTM (Ravi & Larochelle 2017, Optimization as a Model for Few-Shot Learning).
+
+The meta-learner outputs the learner's *update rule*. The learner is the
+backbone + a linear head; its flattened weights are the cell state ``c`` of an
+LSTM that runs coordinate-wise (one small LSTM shared by every weight). At
+step ``t`` of an episode, for every coordinate:
+
+* the learner's support loss ``L_t`` and gradient ``∇_t`` at ``c_{t-1}`` are
+  preprocessed as in Andrychowicz et al. 2016 (``(log|x| / p, sign x)`` when
+  ``|x| >= e^-p``, else ``(-1, e^p x)``, ``p = 10``) and fed to a first LSTM
+  layer of ``hidden`` (20) units;
+* its output ``h_t``, the previous weight ``c_{t-1}`` and the previous gate give
+  the forget gate ``f_t = σ(W_f [h_t, c_{t-1}, f_{t-1}] + b_f)`` (a learned
+  weight decay) and the input gate ``i_t = σ(W_i [h_t, c_{t-1}, i_{t-1}] + b_i)``
+  (a learned learning rate);
+* ``c_t = f_t ⊙ c_{t-1} − i_t ⊙ ∇_t``.
+
+``c_0`` is the learner's initialisation, learned with the meta-learner: it is
+the module's own backbone and head, so checkpoints hold it as they hold MAML's.
+The gates' biases start at ``b_f`` in [4, 6] and ``b_i`` in [-5, -4] (the
+paper's code): the update starts as plain gradient descent with a small step.
+The meta-loss is the query loss after ``inner_steps`` updates; its gradient
+flows through the unroll into the meta-learner and ``c_0`` but, as in the
+paper, not through the learner's gradient and loss (inputs held constant);
+``second_order=true`` keeps those paths too.
+
+Batch norm follows the paper's code: statistics are the episode's own (the
+support batch's while adapting) and queries are normalised with the support
+set's statistics, in training and, by default, at test (``eval.bn_mode=support``).
+Every update uses the whole support set (the paper: mini-batches of it over a
+few epochs). The tasks of a meta-batch run through the functional learner's
+strategies (:mod:`metarun.algorithms.learner`: grouped calls, vmap or a loop);
+the meta-learner is elementwise, so it runs on a task's ``[n]`` weights or on a
+grouped call's ``[tasks, n]`` alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.func import grad
+from torch.utils._pytree import tree_flatten, tree_map
+
+from metarun.algorithms.base import surrogate_loss
+from metarun.algorithms.inner_loop import Params, autograd_grad
+from metarun.algorithms.learner import FunctionalLearner
+from metarun.algorithms.task_batching import STRATEGIES
+from metarun.data.episodes import Episode
+from metarun.errors import ConfigError
+from metarun.models.norm import check_bn_mode
+from metarun.schema import at_least, choice
+
+#: the preprocessing's p (Andrychowicz et al. 2016, as in the paper)
+P = 10.0
+
+
+def preprocess(x: torch.Tensor, p: float = P) -> torch.Tensor:
+    """``[...]`` -> ``[..., 2]``: ``(log|x| / p, sign x)`` where ``|x| >= e^-p``, else ``(-1, e^p x)``."""
+    big = x.abs() >= math.exp(-p)
+    magnitude = torch.where(big, x.abs().clamp_min(math.exp(-p)).log() / p, -torch.ones_like(x))
+    direction = torch.where(big, x.sign(), math.exp(p) * x)
+    return torch.stack([magnitude, direction], -1)
+
+
+def lstm_cell(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """``nn.LSTMCell``'s step on ``[..., in]`` inputs (any leading dims), functionally."""
+    gates = x @ weight_ih.T + bias_ih + h @ weight_hh.T + bias_hh
+    i, f, g, o = gates.chunk(4, -1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+@dataclass
+class MetaLSTMConfig:
+    _target_: str = "metarun.algorithms.metalstm.MetaLSTM"
+    #: learner updates per episode (training and test)
+    inner_steps: int = at_least(1, 5)
+    #: units of the coordinate-wise LSTM (the paper: 20)
+    hidden: int = at_least(1, 20)
+    #: differentiate through the learner's gradient too (the paper: no)
+    second_order: bool = False
+    #: how the tasks of a batch run (auto: by task size, see metarun/algorithms/task_batching.py)
+    strategy: str = choice(*STRATEGIES)
+    #: with vmap, this many tasks at a time (null: all at once), to bound memory
+    chunk_size: Optional[int] = None
+
+
+class MetaLSTM(FunctionalLearner):
+    Config = MetaLSTMConfig
+    default_bn_mode = "support"  # the paper's code: statistics of the episode's support set
+
+    def __init__(
+        self,
+        backbone,
+        ways: int,
+        inner_steps: int = 5,
+        hidden: int = 20,
+        second_order: bool = False,
+        task_kind: str = "classification",
+        strategy: str = "auto",
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(backbone, ways, task_kind, strategy, chunk_size)
+        if inner_steps < 1 or hidden < 1:
+            raise ConfigError(f"algo.inner_steps={inner_steps}, algo.hidden={hidden}: must be at least 1")
+        self.inner_steps, self.hidden, self.second_order = inner_steps, hidden, second_order
+        self.lstm = nn.LSTMCell(4, hidden)
+        self.forget = nn.Linear(hidden + 2, 1)
+        self.input = nn.Linear(hidden + 2, 1)
+        with torch.no_grad():
+            for p in [*self.lstm.parameters(), *self.forget.parameters(), *self.input.parameters()]:
+                p.uniform_(-0.01, 0.01)
+            self.forget.bias.uniform_(4.0, 6.0)  # forget gate near 1: keep the weights
+            self.input.bias.uniform_(-5.0, -4.0)  # input gate near 0.01: a small gradient step
+        learner = super().meta_parameters()
+        self.names = [(g, k) for g in ("backbone", "head") for k in learner[g]]
+        self.shapes = [learner[g][k].shape for g, k in self.names]
+
+    def meta_parameters(self) -> Params:
+        params = super().meta_parameters()
+        params["lstm"] = dict(self.lstm.named_parameters())
+        params["gates"] = {f"{m}.{k}": v for m in ("forget", "input") for k, v in getattr(self, m).named_parameters()}
+        return params
+
+    # -- the learner's weights as one flat cell state -----------------------------------------
+    def flatten(self, learner: Params) -> torch.Tensor:
+        """``{"backbone", "head"}`` -> ``[n]`` (``[tasks, n]`` in a grouped call)."""
+        lead = 1 if self.in_grouped_call else 0
+        return torch.cat([learner[g][k].flatten(lead) for g, k in self.names], -1)
+
+    def unflatten(self, flat: torch.Tensor) -> Params:
+        lead = flat.shape[:-1]
+        parts = flat.split([s.numel() for s in self.shapes], -1)
+        out: Params = {"backbone": {}, "head": {}}
+        for (g, k), shape, part in zip(self.names, self.shapes, parts, strict=True):
+            out[g][k] = part.reshape(*lead, *shape)
+        return out
+
+    # -- one task (or a grouped call's tasks) ---------------------------------------------------
+    def unroll(self, meta_params: Params, buffers: Params, xs, ys, xq, bn_mode: str, second_order: bool) -> torch.Tensor:
+        """``inner_steps`` updates of the learner by the meta-learner on ``(xs, ys)``, then the outputs on ``xq``."""
+        lstm, gates = meta_params["lstm"], meta_params["gates"]
+        c = self.flatten(self.per_task({"backbone": meta_params["backbone"], "head": meta_params["head"]}))
+        h = cell = torch.zeros(*c.shape, self.hidden, dtype=c.dtype, device=c.device)
+        f = i = torch.zeros_like(c)
+        inner = self.inner_mode(bn_mode)
+
+        def support_loss(flat):
+            loss = self.loss(self.predict(self.unflatten(flat), buffers, xs, inner), ys)[0]
+            # the sum: every task of a grouped call gets its own gradient; the loss, an input of the meta-learner, is a
+            # constant unless second order
+            return loss.sum(), loss if second_order else loss.detach()
+
+        take_grad = (
+            autograd_grad(support_loss, has_aux=True, create_graph=second_order)
+            if self.in_grouped_call
+            else grad(support_loss, has_aux=True)
+        )
+        for _ in range(self.inner_steps):
+            g, loss = take_grad(c)
+            if not second_order:
+                g = g.detach()  # the paper's simplification: the learner's gradient is an input, not a function of c
+            x = torch.cat([preprocess(g), preprocess(loss.unsqueeze(-1).expand_as(c))], -1)  # [..., n, 4]
+            h, cell = lstm_cell(x, h, cell, lstm["weight_ih"], lstm["weight_hh"], lstm["bias_ih"], lstm["bias_hh"])
+            c_ = c.unsqueeze(-1)
+            f = torch.sigmoid(torch.cat([h, c_, f.unsqueeze(-1)], -1) @ gates["forget.weight"].T + gates["forget.bias"]).squeeze(
+                -1
+            )
+            i = torch.sigmoid(torch.cat([h, c_, i.unsqueeze(-1)], -1) @ gates["input.weight"].T + gates["input.bias"]).squeeze(-1)
+            c = f * c - i * g
+        fast = self.unflatten(c)
+        return self.head_forward(fast, self.embed_query(fast, buffers, xs, xq, bn_mode))
+
+    def task_meta_gradient(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, yq):
+        buffers = {**fixed, **stats}
+
+        def meta_loss(mp):
+            loss, score = self.loss(self.unroll(mp, buffers, xs, ys, xq, "support", self.second_order), yq)
+            return loss.mean(), (loss.detach(), score.detach())
+
+        grads, (loss, score) = self.grad(meta_loss, has_aux=True)(meta_params)
+        return (self.as_per_task(grads), loss, score), stats
+
+    # -- the Algorithm interface ---------------------------------------------------------------
+    def training_loss(self, batch: Episode):
+        params = self.meta_parameters()
+        images = batch.support_x.shape[1] + batch.query_x.shape[1]
+        grads, loss, score = self.run_tasks(
+            self.task_meta_gradient,
+            (self.detached(params),),
+            (batch.support_x, batch.support_y, batch.query_x, batch.query_y),
+            images,
+        )
+        mean_grads = tree_map(lambda g: g.mean(0), grads)
+        surrogate = surrogate_loss(tree_flatten(params)[0], tree_flatten(mean_grads)[0])
+        metric = "mse" if self.regression else "acc"
+        return surrogate, {"loss": loss.mean().detach(), metric: score.mean().detach()}
+
+    def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+        check_bn_mode(bn_mode)
+        params = self.detached(self.meta_parameters())
+
+        def task_score(mp, fixed, stats, xs, ys, xq, yq):
+            return self.loss(self.unroll(mp, {**fixed, **stats}, xs, ys, xq, bn_mode, False), yq)[1], stats
+
+        with torch.no_grad():
+            tasks = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+            return self.run_tasks(task_score, (params,), tasks, episode.support_x.shape[1] + episode.query_x.shape[1])

@@ -1,0 +1,164 @@
+"""Meta-LSTM: the batched unroll against a per-task reference in float64, the preprocessing, the real runner."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from metarun.algorithms.metalstm import MetaLSTM, preprocess
+from metarun.data.episodes import Episode
+from metarun.errors import ConfigError
+from metarun.models.conv4 import Conv4
+from metarun.models.norm import norm_statistics
+from metarun.trainer import train
+from tests.algorithms.test_learning import learns
+
+WAYS, SHOTS, QUERIES = 3, 2, 2
+
+
+def build(**kwargs) -> MetaLSTM:
+    torch.manual_seed(0)
+    model = MetaLSTM(Conv4((1, 12, 12), hidden=3, layers=2), WAYS, inner_steps=3, hidden=4, **kwargs).double()
+    with torch.no_grad():  # gates away from their saturated start, so that every term of the update matters
+        model.input.bias.fill_(-1.0)
+        model.forget.bias.fill_(1.0)
+        for p in [*model.lstm.parameters(), model.input.weight, model.forget.weight]:
+            p.normal_(0.0, 0.5)
+    return model
+
+
+def random_episode(tasks=3) -> Episode:
+    g = torch.Generator().manual_seed(0)
+    return Episode(
+        torch.randn(tasks, WAYS * SHOTS, 1, 12, 12, generator=g, dtype=torch.float64),
+        torch.arange(WAYS).repeat_interleave(SHOTS).expand(tasks, -1),
+        torch.randn(tasks, WAYS * QUERIES, 1, 12, 12, generator=g, dtype=torch.float64),
+        torch.arange(WAYS).repeat_interleave(QUERIES).expand(tasks, -1),
+        WAYS,
+    )
+
+
+def test_preprocessing_by_hand():
+    """e^-10 = 4.54e-5 separates the two forms."""
+    x = torch.tensor([2.0, -0.5, 1e-4, -1e-5, 0.0], dtype=torch.float64)
+    e = math.exp(10)
+    expected = [[math.log(2.0) / 10, 1.0], [math.log(0.5) / 10, -1.0], [math.log(1e-4) / 10, 1.0], [-1.0, -e * 1e-5], [-1.0, 0.0]]
+    torch.testing.assert_close(preprocess(x), torch.tensor(expected, dtype=torch.float64))
+
+
+def reference_task_loss(model: MetaLSTM, xs, ys, xq, yq, second_order: bool) -> torch.Tensor:
+    """One task's unroll, parameter tensor by parameter tensor and coordinate-wise LSTM written out."""
+    names = [f"backbone.{k}" for k, _ in model.backbone.named_parameters()] + ["head.weight", "head.bias"]
+    theta = {k: p for k, p in model.named_parameters() if k in names}
+    learner = torch.nn.ModuleDict({"backbone": model.backbone, "head": model.head})
+
+    def forward(weights, x, mode, support=0):
+        with norm_statistics(model.backbone, mode, support_size=support):
+            z = functional_call(learner["backbone"], {k[9:]: v for k, v in weights.items() if k.startswith("backbone.")}, (x,))
+        return z @ weights["head.weight"].T + weights["head.bias"]
+
+    lstm = model.lstm
+    state = {
+        k: (torch.zeros(*p.shape, model.hidden, dtype=p.dtype), torch.zeros(*p.shape, model.hidden, dtype=p.dtype))
+        for k, p in theta.items()
+    }
+    f_prev = {k: torch.zeros_like(p) for k, p in theta.items()}
+    i_prev = {k: torch.zeros_like(p) for k, p in theta.items()}
+    for _ in range(model.inner_steps):
+        loss = F.cross_entropy(forward(theta, xs, "batch"), ys)
+        grads = torch.autograd.grad(loss, list(theta.values()), create_graph=second_order)
+        new = {}
+        for (k, w), g in zip(theta.items(), grads, strict=True):
+            g = g if second_order else g.detach()
+            loss_in = loss.detach() if not second_order else loss
+            x = torch.cat([preprocess(g), preprocess(loss_in.expand_as(w))], -1)
+            h, c = state[k]
+            gates = x @ lstm.weight_ih.T + lstm.bias_ih + h @ lstm.weight_hh.T + lstm.bias_hh
+            gi, gf, gg, go = gates.chunk(4, -1)
+            c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
+            h = torch.sigmoid(go) * torch.tanh(c)
+            state[k] = (h, c)
+            f = torch.sigmoid(
+                torch.cat([h, w[..., None], f_prev[k][..., None]], -1) @ model.forget.weight[0] + model.forget.bias[0]
+            )
+            i = torch.sigmoid(
+                torch.cat([h, w[..., None], i_prev[k][..., None]], -1) @ model.input.weight[0] + model.input.bias[0]
+            )
+            f_prev[k], i_prev[k] = f, i
+            new[k] = f * w - i * g
+        theta = new
+    out = forward(theta, torch.cat([xs, xq]), "support", support=len(xs))[len(xs) :]
+    return F.cross_entropy(out, yq)
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "vmap", "loop"])
+@pytest.mark.parametrize("second_order", [False, True])
+def test_batched_meta_gradient_equals_a_per_task_reference(strategy, second_order):
+    model = build(second_order=second_order, strategy=strategy)
+    model.train()
+    ep = random_episode()
+    params = [p for p in model.parameters()]
+    surrogate, metrics = model.training_loss(ep)
+    batched = torch.autograd.grad(surrogate, params)
+    reference = torch.stack([
+        reference_task_loss(model, ep.support_x[t], ep.support_y[t], ep.query_x[t], ep.query_y[t], second_order)
+        for t in range(ep.num_tasks)
+    ]).mean()  # fmt: skip
+    torch.testing.assert_close(metrics["loss"], reference.detach(), rtol=1e-10, atol=1e-12)
+    expected = torch.autograd.grad(reference, params)
+    for (name, _), a, b in zip(model.named_parameters(), batched, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+    names = [n for n, _ in model.named_parameters()]
+    assert all(g.abs().sum() > 0 for n, g in zip(names, batched, strict=True) if not n.endswith("0.bias")), names
+
+
+def test_second_order_changes_the_meta_gradient():
+    ep = random_episode()
+    grads = []
+    for second_order in (False, True):
+        model = build(second_order=second_order)
+        surrogate, _ = model.training_loss(ep)
+        grads.append(torch.autograd.grad(surrogate, model.lstm.weight_ih)[0])
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_the_gates_start_as_a_small_gradient_step():
+    """The paper's initial biases: forget gate near 1 (keep the weights), input gate near 0.01 (the step size)."""
+    torch.manual_seed(0)
+    model = MetaLSTM(Conv4((1, 12, 12), hidden=3, layers=2), WAYS)
+    assert 0.98 < torch.sigmoid(model.forget.bias).item() and 0.006 < torch.sigmoid(model.input.bias).item() < 0.018
+    assert model.lstm.weight_ih.abs().max() <= 0.01
+
+
+@pytest.mark.parametrize("bn_mode", ["transductive", "support", "running"])
+def test_evaluation_strategies_agree(bn_mode):
+    ep = random_episode(tasks=4)
+    scores = [build(strategy=s).eval().evaluate(ep, bn_mode) for s in ("grouped", "vmap", "loop")]
+    assert scores[0].shape == (4,) and torch.equal(scores[0], scores[1]) and torch.equal(scores[0], scores[2])
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError):
+        MetaLSTM(Conv4((1, 12, 12), hidden=3, layers=2), WAYS, inner_steps=0)
+
+
+def test_train_and_evaluate_through_the_runner(tmp_path, compose_config, tiny):
+    cfg = compose_config("train", [*tiny, "algo=metalstm", "algo.inner_steps=2", "task.meta_batch=2", "eval.bn_mode=running"])
+    assert cfg.trainer.grad_clip == 0.25
+    train(cfg, tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert results["bn_mode"] == "running"
+    assert [(r["ways"], r["shots"]) for r in results["results"]] == [(5, 1), (5, 5)]
+
+
+@pytest.mark.slow
+def test_learns(tmp_path, compose_config, glyph_root, one_thread):
+    """Measured outside pytest with the same overrides (one thread, sharing 2 cores with another run): 0.751 after
+    300 steps of 4 tasks (training accuracy 0.73 after 150), in 8 minutes: too slow for this test's budget, and the
+    untrained score was not measured; see the report of this change."""
+    learns("metalstm", ["backbone.hidden=16", "trainer.steps=300"], compose_config, glyph_root, tmp_path)
