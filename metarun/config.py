@@ -348,6 +348,11 @@ class TrainConfig:
 class EvalJobConfig:
     #: a run folder or a .pt file
     checkpoint: str = MISSING
+    #: another dataset to evaluate on (cross-domain); null: the run's own
+    dataset: Any = None
+    #: the training recipe a dataset option may set (dataset=omniglot does): unused by evaluation
+    task: Any = None
+    trainer: Any = None
     device: DeviceConfig = field(default_factory=DeviceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

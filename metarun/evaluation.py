@@ -22,6 +22,7 @@ from rich.table import Table
 from metarun.algorithms.base import Algorithm
 from metarun.config import EvalConfig, check_values
 from metarun.data.episodes import Episode, check_episode, fixed_episodes
+from metarun.data.split import FewShotDataset, Split
 from metarun.device import autocast
 from metarun.errors import ConfigError
 from metarun.models.norm import check_bn_mode
@@ -185,11 +186,15 @@ def write_eval_json(
     bn_mode: str,
     results: list[dict],
     precision: str = "fp32",
+    *,
+    trained_on: str | None = None,
 ) -> None:
     payload = {
         "split": split,
         "checkpoint": str(checkpoint),
         "dataset": dataset,
+        "trained_on": trained_on or dataset,
+        "evaluated_on": dataset,
         "protocol": protocol,
         "bn_mode": bn_mode,
         "precision": precision,
@@ -247,17 +252,31 @@ def run_evaluation(
     *,
     dataset=None,
     algorithm: Algorithm | None = None,
+    evaluated_on: DictConfig | None = None,
 ) -> list[dict]:
     """Evaluates a checkpoint of a run and writes ``eval.json`` into ``run_dir``; the dataset and model are rebuilt
-    from the run's config unless given (the trainer passes its own, already on the device)."""
+    from the run's config unless given (the trainer passes its own, already on the device).
+
+    ``evaluated_on``: another dataset's config node (cross-domain evaluation): its images are converted to the
+    model's input shape and normalised with the checkpoint's statistics (:mod:`metarun.data.cross_domain`), and
+    the results go to ``eval_on_<dataset>.json``."""
     from metarun.checkpoint import load_checkpoint, load_model_state
     from metarun.factory import build_algorithm, build_dataset, build_sampler
 
     check_values(eval_cfg, EvalConfig, "eval.")
     ckpt = load_checkpoint(checkpoint)
     given = algorithm is not None
-    dataset = dataset if dataset is not None else build_dataset(cfg.dataset)
-    algorithm = algorithm if given else build_algorithm(cfg, dataset).to(device)
+    trained_on = ckpt.get("dataset_name") or _dataset_name(cfg.dataset)
+    if evaluated_on is not None:
+        from metarun.data.cross_domain import as_input_of
+
+        model_data = trained_shape(cfg, ckpt, build_dataset)
+        dataset = as_input_of(build_dataset(evaluated_on), model_data.image_shape, tuple(ckpt["mean"]), tuple(ckpt["std"]))
+        algorithm = build_algorithm(cfg, model_data).to(device)
+    else:
+        dataset = dataset if dataset is not None else build_dataset(cfg.dataset)
+        algorithm = algorithm if given else build_algorithm(cfg, dataset).to(device)
+        trained_on = dataset.name
     check_settings(dataset, eval_cfg, algorithm)
     load_model_state(algorithm, ckpt["model"], ckpt["path"])
     bn_mode = resolve_bn_mode(algorithm, eval_cfg.bn_mode)
@@ -292,15 +311,43 @@ def run_evaluation(
             bn_mode,
             precision,
         )
-    console.print(f"evaluated {ckpt['path']}", soft_wrap=True, markup=False, highlight=False)
+    across = f" (trained on {trained_on}, evaluated on {dataset.name})" if evaluated_on is not None else ""
+    console.print(f"evaluated {ckpt['path']}{across}", soft_wrap=True, markup=False, highlight=False)
     title = f"{dataset.name} {eval_cfg.split} ({bn_mode} batch norm{'' if precision == 'fp32' else ', ' + precision})"
     console.print(results_table(results, title))
+    name = "eval.json" if evaluated_on is None else f"eval_on_{dataset.name}.json"
     write_eval_json(
-        run_dir / "eval.json", ckpt["path"], dataset.name, eval_cfg.protocol, eval_cfg.split, bn_mode, results, precision
-    )
+        run_dir / name, ckpt["path"], dataset.name, eval_cfg.protocol, eval_cfg.split, bn_mode, results, precision,
+        trained_on=trained_on,
+    )  # fmt: skip
     if logger is not None:
         logger.log_eval(results, eval_cfg.protocol)
     return results
+
+
+def _dataset_name(node: DictConfig) -> str:
+    """A dataset's name from its config node: the loader's module (``metarun.data.cub.load`` -> ``cub``)."""
+    target = str(node.get("_target_", "dataset"))
+    parts = target.split(".")
+    return parts[-2] if len(parts) >= 2 else target
+
+
+def trained_shape(cfg: DictConfig, ckpt: dict, build_dataset) -> FewShotDataset:
+    """An image-less stand-in for the run's training data (input shape, training classes) to rebuild its model;
+    checkpoints from before these were saved rebuild the run's dataset to read them."""
+    if "input_shape" in ckpt and "train_classes" in ckpt:
+        shape, classes = tuple(ckpt["input_shape"]), ckpt["train_classes"]
+    else:
+        real = build_dataset(cfg.dataset)
+        shape = tuple(getattr(real, "image_shape", ()))
+        classes = real.splits["train"].num_classes if hasattr(real, "splits") else None
+    if len(shape) != 3 or classes is None:
+        raise ConfigError(
+            f"the checkpoint's model takes inputs of shape {shape}, not images: cross-domain evaluation converts between "
+            "image datasets only"
+        )
+    empty = Split(torch.zeros(classes, 0, *shape, dtype=torch.uint8), [str(i) for i in range(classes)])
+    return FewShotDataset("trained", {"train": empty}, tuple(ckpt["mean"]), tuple(ckpt["std"]))
 
 
 def run_eval_config(run_cfg: DictConfig, cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
@@ -334,9 +381,13 @@ def eval_task(cfg: DictConfig, overrides: Sequence[str] = ()) -> float:
     path = ckpt["path"]
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     eval_cfg = run_eval_config(run_cfg, cfg, overrides)
-    logger = build_logger(cfg.logger, run_dir, OmegaConf.merge(run_cfg, cfg, {"eval": eval_cfg}), job_type="eval")
+    evaluated_on = cfg.get("dataset")
+    logger = build_logger(
+        cfg.logger, run_dir, OmegaConf.merge(run_cfg, {k: v for k, v in cfg.items() if k != "dataset"}, {"eval": eval_cfg}),
+        job_type="eval",
+    )  # fmt: skip
     try:
-        results = run_evaluation(run_cfg, eval_cfg, path, device, run_dir, logger)
+        results = run_evaluation(run_cfg, eval_cfg, path, device, run_dir, logger, evaluated_on=evaluated_on)
     finally:
         logger.close()
     first = results[0]

@@ -251,6 +251,43 @@ def chart(title: str, runs: list[Run], best: Run, keys: list[str]):
     return fig
 
 
+def cross_domain(root: Path, setting: str | None = None) -> tuple[str, list[str], list[list[str]]]:
+    """A trained-on × evaluated-on table of every ``eval*.json`` under ``root``: ``(setting, header, rows)``; each cell
+    is the mean ± 95% CI of ``setting`` (default: the first setting found), averaged cells where several runs share a pair."""
+    cells: dict[tuple[str, str], list[Score]] = {}
+    for path in sorted(root.rglob("eval*.json"), key=natural_key):
+        payload = json.loads(path.read_text())
+        if "results" not in payload:
+            continue
+        trained, evaluated = payload.get("trained_on", payload["dataset"]), payload.get("evaluated_on", payload["dataset"])
+        for r in payload["results"]:
+            name = setting_name(r, payload["protocol"])
+            setting = setting or name
+            if name == setting:
+                key = score_key(r)
+                cells.setdefault((trained, evaluated), []).append(Score(key, r[key], r["ci95"], np.asarray(per_item(r)), None))
+    if not cells:
+        raise ConfigError(f"no eval*.json with a {setting or 'first'} setting under {root}: evaluate runs first (metarun eval)")
+    trained_on = list(dict.fromkeys(t for t, _ in cells))
+    evaluated_on = list(dict.fromkeys(e for _, e in cells))
+    body = []
+    for t in trained_on:
+        row = [t]
+        for e in evaluated_on:
+            scores = cells.get((t, e))
+            if not scores:
+                row.append("—")
+                continue
+            mean, ci = (
+                mean_ci95(np.concatenate([s.items for s in scores]))
+                if all(len(s.items) for s in scores)
+                else (scores[0].mean, scores[0].ci95)
+            )
+            row.append(f"{scores[0].show(mean)} ± {scores[0].show(ci)}{scores[0].unit}")
+        body.append(row)
+    return setting, ["trained on \\ evaluated on", *evaluated_on], body
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="metarun report",
@@ -258,8 +295,26 @@ def main(argv: list[str]) -> int:
         "report.csv) and a chart (report.png), written into that folder.",
     )
     parser.add_argument("folder", type=Path, help="a run folder or a sweep folder (outputs/multirun/...)")
+    parser.add_argument(
+        "--cross-domain",
+        action="store_true",
+        help="a trained-on × evaluated-on table of the runs' evaluations (metarun eval checkpoint=RUN dataset=...)",
+    )
+    parser.add_argument("--setting", default=None, help="the setting shown with --cross-domain, e.g. 5w1s (default: the first)")
     args = parser.parse_args(argv)
     root = args.folder.resolve()
+    if not root.is_dir():
+        raise ConfigError(f"{root}: no such folder")
+    if args.cross_domain:
+        setting, header, body = cross_domain(root, args.setting)
+        title = f"{folder_label(root)}: {setting} test score, trained on (rows) × evaluated on (columns)"
+        table = Table(*header, title=title)
+        for row in body:
+            table.add_row(*row)
+        Console().print(table)
+        write_markdown(root / "cross_domain.md", title, header, body, "", [])
+        Console().print(f"written: {root / 'cross_domain.md'}", soft_wrap=True)
+        return 0
     runs, skipped = find_runs(root)
     primary, best = compare(runs)
     keys = varying_keys([r.overrides for r in runs])

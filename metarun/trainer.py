@@ -244,6 +244,10 @@ class Run:
             best=self.best,
             mean=list(getattr(self.dataset, "mean", ())),
             std=list(getattr(self.dataset, "std", ())),
+            # what rebuilding the model for another dataset needs (cross-domain evaluation)
+            dataset_name=self.dataset.name,
+            input_shape=list(getattr(self.dataset, "image_shape", ())),
+            train_classes=self.dataset.splits["train"].num_classes if hasattr(self.dataset, "splits") else None,
             config=OmegaConf.to_container(self.cfg, resolve=True),
             window=s.window.state_dict(),
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from metarun.algorithms.base import Algorithm, accuracy
+from metarun.algorithms.base import Algorithm, accuracy, surrogate_loss
 from metarun.data.episodes import Episode
 from metarun.errors import ConfigError
 from metarun.models.norm import norm_statistics, one_task_per_call
@@ -83,10 +83,37 @@ class ProtoNet(Algorithm):
         return logits_from_distances(q.float(), prototypes(s.float(), episode.support_y, episode.ways))
 
     def training_loss(self, batch: Episode):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if batch.support_x.device.type == "cpu" and batch.num_tasks > 1 and params and torch.is_grad_enabled():
+            return self.training_loss_task_by_task(batch, params)
         logits = self.logits(batch, "batch")
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
         return loss, {"loss": loss.detach(), "acc": accuracy(logits, batch.query_y).mean().detach()}
 
+    def training_loss_task_by_task(self, batch: Episode, params: list[torch.Tensor]):
+        """On a CPU, each task's forward and backward run back to back, so only one task's activations are alive
+        (in cache) at a time, as a plain per-episode loop has them; the mean of the tasks' gradients comes back as a
+        :func:`~metarun.algorithms.base.surrogate_loss`, and the loss equals the one-call loss."""
+        t = batch.num_tasks
+        grads = [torch.zeros_like(p) for p in params]
+        losses, accs = [], []
+        with one_task_per_call(self.backbone) as next_task:
+            for i in range(t):
+                task = batch.select(slice(i, i + 1))
+                s, q = self.embed_tasks(task.support_x, task.query_x, "batch")
+                logits = logits_from_distances(q.float(), prototypes(s.float(), task.support_y, batch.ways))
+                loss = F.cross_entropy(logits.flatten(0, 1), task.query_y.flatten())
+                for g, gi in zip(grads, torch.autograd.grad(loss / t, params, allow_unused=True), strict=True):
+                    if gi is not None:
+                        g.add_(gi)
+                losses.append(loss.detach())
+                accs.append(accuracy(logits, task.query_y).mean().detach())
+                next_task()
+        loss = torch.stack(losses).mean()
+        surrogate = surrogate_loss(params, grads)
+        return surrogate - surrogate.detach() + loss, {"loss": loss, "acc": torch.stack(accs).mean()}  # the loss's value
+
     @torch.inference_mode()
     def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
         return accuracy(self.logits(episode, bn_mode), episode.query_y)
+
