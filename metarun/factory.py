@@ -26,10 +26,13 @@ ENGINE_KEYS = ("augment", "on_device")
 
 
 def build_dataset(cfg: DictConfig) -> FewShotDataset:
+    """The dataset of a ``dataset`` node; a loader that takes ``build_dataset`` (``dataset=multi``) gets this function
+    to build its sources with, so the data modules never import the factory."""
     node = OmegaConf.to_container(cfg, resolve=True)
     for key in ENGINE_KEYS:
         node.pop(key, None)
-    return instantiate(node, _convert_="all")
+    extra = {"build_dataset": build_dataset} if "build_dataset" in _init_params(node) else {}
+    return instantiate(node, _convert_="all", **extra)
 
 
 def data_device(dataset: FewShotDataset, device: torch.device, on_device: str) -> torch.device:
@@ -68,7 +71,9 @@ def build_sampler(
     images in the dtype the run's ``precision`` (autocast) computes its first layer in."""
     if isinstance(dataset, MultiSourceDataset):  # one engine sampler per source, each with this run's options
         engine = dict(augment=augment, channels_last=channels_last, data_device=data_device, fused=fused, precision=precision)
-        return dataset.sampler(split, ways, shots, queries, seed, device, **engine)
+        return dataset.sampler(
+            split, ways=ways, shots=shots, queries=queries, seed=seed, device=device, build_sampler=build_sampler, **engine
+        )
     if hasattr(dataset, "sampler"):  # datasets that generate their tasks (e.g. regression toys)
         return dataset.sampler(split, ways=ways, shots=shots, queries=queries, seed=seed, device=device)
     transform = None
@@ -142,13 +147,18 @@ def backbone_extras(cfg: DictConfig, dataset: FewShotDataset, pretrained_weights
     return extra
 
 
-def _init_params(node: DictConfig) -> set[str]:
+def _init_params(node) -> set[str]:
+    """The keyword parameters of a node's ``_target_``: a function's, or a class's ``__init__`` (with its bases')."""
     import inspect
 
     from hydra._internal.utils import _locate
 
+    target = _locate(node["_target_"])
+    if not isinstance(target, type):
+        params = inspect.signature(target).parameters
+        return {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     names: set[str] = set()
-    for cls in _locate(node._target_).__mro__:  # a subclass taking **kwargs passes them on to its base
+    for cls in target.__mro__:  # a subclass taking **kwargs passes them on to its base
         if "__init__" not in vars(cls):
             continue
         params = inspect.signature(cls.__init__).parameters

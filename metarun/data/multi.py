@@ -77,16 +77,19 @@ class MultiSourceDataset:
         """Classes a pre-training head tells apart: every source's training classes, source after source."""
         return sum(d.splits["train"].num_classes for d in self.sources.values())
 
-    def sampler(self, split: str, ways: int, shots: int, queries: int, seed: int, device, **engine) -> MultiSourceSampler:
-        """Episodes of ``split`` from every source; ``engine`` are :func:`metarun.factory.build_sampler`'s options."""
-        from metarun.factory import build_sampler
-
+    def sampler(
+        self, split: str, *, ways: int, shots: int, queries: int, seed: int, device, build_sampler, **engine
+    ) -> MultiSourceSampler:
+        """Episodes of ``split`` from every source, each built by ``build_sampler``
+        (:func:`metarun.factory.build_sampler`, which passes itself) with the ``engine`` options."""
         samplers = {}
         for i, (name, source) in enumerate(self.sources.items()):
             normalised = FewShotDataset(source.name, source.splits, self.mean, self.std, source.meta)
             try:
                 # each source's sampler gets its own seed, so two sources never draw the same random numbers
-                samplers[name] = build_sampler(normalised, split, ways, shots, queries, seed + 1000003 * i, device, **engine)
+                samplers[name] = build_sampler(
+                    normalised, split, ways=ways, shots=shots, queries=queries, seed=seed + 1000003 * i, device=device, **engine
+                )
             except ConfigError as e:
                 raise ConfigError(f"dataset.sources[{i}]={name}: {e}") from None
         return MultiSourceSampler(samplers, self.weights if split == "train" else None, seed, device)
@@ -179,10 +182,10 @@ def per_source(scores: Sequence[float], sources: Sequence[str]) -> dict[str, lis
     return {name: [s for s, b in zip(scores, blocks.tolist(), strict=True) if b == k] for k, name in enumerate(sources)}
 
 
-def load(sources: Sequence, weights: Sequence[float] | None = None) -> MultiSourceDataset:
-    """The datasets named in ``sources`` (names, or mappings of ``name`` and that dataset's keys)."""
+def load(sources: Sequence, weights: Sequence[float] | None = None, *, build_dataset) -> MultiSourceDataset:
+    """The datasets named in ``sources`` (names, or mappings of ``name`` and that dataset's keys), each built by
+    ``build_dataset`` (:func:`metarun.factory.build_dataset`, which passes itself)."""
     from metarun.config import SCHEMAS, check_values, unknown_key
-    from metarun.factory import build_dataset
 
     if not sources:
         raise ConfigError("dataset.sources is empty: name two or more datasets, e.g. dataset.sources=[omniglot,glyphs]")

@@ -43,7 +43,7 @@ def source_of_task(episode, t: int) -> str:
 
 
 def test_training_tasks_come_from_one_source_each_by_weight() -> None:
-    sampler = build_sampler(dataset(), "train", 3, 1, 2, seed=0, device=torch.device("cpu"))
+    sampler = build_sampler(dataset(), "train", ways=3, shots=1, queries=2, seed=0, device=torch.device("cpu"))
     counts = dict.fromkeys(SOURCES, 0)
     for _ in range(100):
         idx = sampler.sample_indices(40)
@@ -57,7 +57,7 @@ def test_training_tasks_come_from_one_source_each_by_weight() -> None:
 
 
 def test_labels_and_classes_are_those_of_the_tasks_source() -> None:
-    sampler = build_sampler(dataset(), "train", 3, 2, 1, seed=1, device=torch.device("cpu"))
+    sampler = build_sampler(dataset(), "train", ways=3, shots=2, queries=1, seed=1, device=torch.device("cpu"))
     idx = sampler.sample_indices(8)
     episode = sampler.gather(idx)
     assert episode.support_y.tolist() == [[0, 0, 1, 1, 2, 2]] * 8 and episode.ways == 3
@@ -66,7 +66,7 @@ def test_labels_and_classes_are_those_of_the_tasks_source() -> None:
 
 
 def test_validation_and_test_take_equal_shares_in_source_order() -> None:
-    sampler = build_sampler(dataset(), "val", 3, 1, 1, seed=0, device=torch.device("cpu"))
+    sampler = build_sampler(dataset(), "val", ways=3, shots=1, queries=1, seed=0, device=torch.device("cpu"))
     idx = sampler.sample_indices(7, torch.Generator().manual_seed(5))
     assert sampler.source_of(idx) == ["dark", "dark", "dark", "mid", "mid", "bright", "bright"]
     assert per_source([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], list(SOURCES)) == {
@@ -78,11 +78,11 @@ def test_validation_and_test_take_equal_shares_in_source_order() -> None:
 
 
 def test_resuming_continues_the_same_sequence() -> None:
-    first = build_sampler(dataset(), "train", 3, 1, 1, seed=3, device=torch.device("cpu"), augment=True)
+    first = build_sampler(dataset(), "train", ways=3, shots=1, queries=1, seed=3, device=torch.device("cpu"), augment=True)
     first.sample(4)
     state = first.state_dict()
     expected = first.sample(4)
-    second = build_sampler(dataset(), "train", 3, 1, 1, seed=3, device=torch.device("cpu"), augment=True)
+    second = build_sampler(dataset(), "train", ways=3, shots=1, queries=1, seed=3, device=torch.device("cpu"), augment=True)
     second.load_state_dict(state)
     got = second.sample(4)
     assert torch.equal(got.support_x, expected.support_x) and torch.equal(got.query_x, expected.query_x)
@@ -91,7 +91,7 @@ def test_resuming_continues_the_same_sequence() -> None:
 @pytest.mark.parametrize("augment", [False, True])
 def test_shards_see_the_tasks_one_process_would(augment: bool) -> None:
     def make():
-        return build_sampler(dataset(), "train", 3, 1, 1, seed=4, device=torch.device("cpu"), augment=augment)
+        return build_sampler(dataset(), "train", ways=3, shots=1, queries=1, seed=4, device=torch.device("cpu"), augment=augment)
 
     whole = make().sample(8)
     parts = [make().sample(8, shard=(rank, 2)) for rank in range(2)]
@@ -100,10 +100,10 @@ def test_shards_see_the_tasks_one_process_would(augment: bool) -> None:
 
 
 def test_pretraining_batches_label_classes_across_sources() -> None:
-    sampler = build_sampler(dataset(weights=(1.0, 0.0, 0.0)), "train", 3, 1, 1, seed=0, device=torch.device("cpu"))
+    sampler = build_sampler(dataset(weights=(1.0, 0.0, 0.0)), "train", ways=3, shots=1, queries=1, seed=0, device=torch.device("cpu"))
     batch = sampler.sample_images(16)
     assert batch.y.max() < 6  # the first source's classes: 0-5
-    sampler = build_sampler(dataset(weights=(0.0, 0.0, 1.0)), "train", 3, 1, 1, seed=0, device=torch.device("cpu"))
+    sampler = build_sampler(dataset(weights=(0.0, 0.0, 1.0)), "train", ways=3, shots=1, queries=1, seed=0, device=torch.device("cpu"))
     batch = sampler.sample_images(16)
     assert batch.y.min() >= 12 and batch.y.max() < 18  # the third source's: after 6 + 6
     assert torch.equal(pixel_values(batch.x[:, 0, 0, 0]).long() + 12, batch.y)
@@ -152,7 +152,7 @@ def test_bad_sources_are_one_line(tmp_path, sources, weights, message) -> None:
     small = {"root": str(tmp_path), "num_classes": 30, "val_classes": 5, "test_classes": 5}
     sources = [s if isinstance(s, str) else {**s, **small} for s in sources]
     with pytest.raises(ConfigError, match=message) as info:
-        load_multi(sources, weights)
+        load_multi(sources, weights, build_dataset=build_dataset)
     assert "\n" not in str(info.value)
 
 
@@ -163,7 +163,7 @@ def test_a_source_with_no_training_classes_is_refused(tmp_path, monkeypatch) -> 
     monkeypatch.setattr(traffic_sign, "TRAFFIC_SIGN_NAMES", domain_files.TRAFFIC_SIGNS)
     domain_files.write_traffic_signs(tmp_path)
     with pytest.raises(ConfigError, match="traffic_sign has no training classes"):
-        load_multi([{"name": "traffic_sign", "root": str(tmp_path), "image_size": 8}])
+        load_multi([{"name": "traffic_sign", "root": str(tmp_path), "image_size": 8}], build_dataset=build_dataset)
 
 
 def test_a_source_too_small_for_the_episode_is_named() -> None:
@@ -171,4 +171,4 @@ def test_a_source_too_small_for_the_episode_is_named() -> None:
     mid = ds.sources["mid"].splits
     mid["val"] = Split(mid["val"].images[:2], mid["val"].class_names[:2])
     with pytest.raises(ConfigError, match=r"dataset.sources\[1\]=mid: ways=3 but the val split has only 2 classes"):
-        build_sampler(ds, "val", 3, 1, 1, seed=0, device=torch.device("cpu"))
+        build_sampler(ds, "val", ways=3, shots=1, queries=1, seed=0, device=torch.device("cpu"))
