@@ -40,10 +40,11 @@ from metarun.allocator import keep_freed_memory
 from metarun.bench import references as ref
 from metarun.bench.shapes import ALGORITHMS, GRADIENT_BASED, OMNIGLOT, SHAPES, Shape, default_settings, target
 from metarun.bench.timing import MAX_ROUNDS, Timing, flops, measure
-from metarun.config import EvalConfig, compose
+from metarun.config import EvalConfig, compose, config_dir
 from metarun.data.episodes import EpisodeSampler, fixed_episodes
 from metarun.data.split import FewShotDataset, Split
 from metarun.device import resolve_device
+from metarun.errors import MetarunError
 from metarun.evaluation import resolve_bn_mode, score_episodes
 from metarun.factory import build_algorithm, build_sampler
 from metarun.speed_settings import SpeedSettings as Settings
@@ -317,6 +318,80 @@ class Bench:
             )  # fmt: skip
         )
 
+    # -- any other algorithm: its batched call against its own code one task at a time -------------
+    def bench_per_task(self, name: str, shape: Shape, settings: Settings, batch_tasks: int) -> None:
+        """Algorithms without a hand-written reference (any ``conf/algo`` option not in :data:`ALGORITHMS`): the
+        trainer's step on a meta-batch against the same step on one task at a time, and evaluation in calls of
+        ``batch_tasks`` episodes against one episode a call; what batching over tasks buys, with no second copy
+        of the algorithm to keep in step."""
+        cfg = compose_run_config(name, shape, settings)
+        dataset = self.dataset(shape)
+        try:
+            torch.manual_seed(0)
+            algorithm = build_algorithm(cfg, dataset).to(self.device)
+        except MetarunError as e:  # e.g. a two-stage learner that needs an earlier run's weights
+            self.console.print(f"  {name:9s} skipped: {e}", highlight=False)
+            return
+        if settings.channels_last:
+            algorithm = algorithm.to(memory_format=torch.channels_last)
+        algorithm.train()
+        t = shape.meta_batch
+        batched = build_step(cfg, dataset, algorithm)
+        one = build_step(cfg, dataset, algorithm)
+        one.meta_batch = 1
+
+        def loop() -> None:
+            for _ in range(t):
+                train_step(one)
+
+        timing = measure(
+            {"fast": lambda: train_step(batched), "reference": loop}, self.repeats, self.warmup, self.device,
+            min_seconds=self.min_seconds,
+        )  # fmt: skip
+        f, s = timing["fast"], timing["reference"]
+        self.add(
+            make_row(
+                name=name,
+                metric="tasks_per_s",
+                shape=shape.name,
+                value=t / f.seconds,
+                reference="same_code_per_task",
+                reference_value=t / s.seconds,
+                fast=f,
+                slow=s,
+                settings=settings.describe(),
+            )  # fmt: skip
+        )
+        bn_mode = resolve_bn_mode(algorithm, None)
+        sampler = self.sampler(shape, "test", settings, queries=15)
+        n = self.eval_episodes
+
+        def score(calls_of: int, episodes: int = n) -> None:
+            score_episodes(
+                algorithm, sampler, episodes=episodes, seed=1, batch_tasks=calls_of, bn_mode=bn_mode,
+                precision=settings.precision,
+            )  # fmt: skip
+
+        timing = measure(
+            {"fast": lambda: score(batch_tasks), "reference": lambda: score(1)}, self.repeats, min(self.warmup, 1),
+            self.device, {"fast": lambda: score(batch_tasks, batch_tasks), "reference": lambda: score(1, 2)},
+            self.min_seconds,
+        )  # fmt: skip
+        f, s = timing["fast"], timing["reference"]
+        self.add(
+            make_row(
+                name=name,
+                metric="eval_episodes_per_s",
+                shape=shape.name,
+                value=n / f.seconds,
+                reference="same_code_one_episode",
+                reference_value=n / s.seconds,
+                fast=f,
+                slow=s,
+                settings=f"{settings.describe()}, batch_tasks={batch_tasks}",
+            )  # fmt: skip
+        )
+
     def reference(self, name: str, algorithm, lr: float):
         kind = {"protonet": ref.ProtoNetReference, "reptile": ref.ReptileReference, "finetune": ref.FinetuneReference}
         return kind.get(name, ref.MAMLReference)(algorithm, lr)
@@ -399,6 +474,11 @@ def machine_info(device: torch.device) -> dict:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def algorithm_options() -> list[str]:
+    """Every ``algo=`` option (``conf/algo/*.yaml``)."""
+    return sorted(p.stem for p in Path(config_dir(), "algo").glob("*.yaml"))
 
 
 def load_average() -> list[float] | None:
@@ -514,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:
         console = Console(width=220)  # a file or a pipe: keep the table's rows on one line each
     only = set(args.only.split(",")) if args.only else None
-    wanted = [n for n in ("sampler", *ALGORITHMS) if only is None or n in only]
+    others = [n for n in algorithm_options() if n not in ALGORITHMS]  # measured against their own per-task calls
+    wanted = [n for n in ("sampler", *ALGORITHMS, *others) if only is None or n in only]
     machine = machine_info(device)
     quick = args.quick
     repeats = args.repeats or (2 if quick else 3)
@@ -538,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
                 bench.bench_sampler(shape)
     for name in wanted[1:] if "sampler" in wanted else wanted:
         settings = default_settings(name, device, precision=args.precision)
+        if name in others:
+            bench.bench_per_task(name, shapes[OMNIGLOT.name], settings, batch_tasks=EVAL_BATCH_TASKS)
+            continue
         for shape in shapes.values():
             if name in GRADIENT_BASED or shape.queries == 15 and shape.shots == 1:
                 bench.bench_train(name, shape, settings)
