@@ -28,9 +28,10 @@ from torch import nn
 from torch.func import functional_call, grad
 from torch.utils._pytree import tree_flatten, tree_map
 
-from metarun.algorithms.base import Algorithm, accuracy
+from metarun.algorithms.base import Algorithm, accuracy, surrogate_loss
 from metarun.algorithms.inner_loop import Params, autograd_grad
 from metarun.algorithms.task_batching import STRATEGIES, auto_strategy, map_chunks, map_tasks, tasks_per_call
+from metarun.data.episodes import Episode
 from metarun.errors import ConfigError
 from metarun.models.grouped import grouped_forward, grouped_layers
 from metarun.models.norm import BN_MODES, norm_statistics
@@ -218,3 +219,27 @@ class FunctionalLearner(Algorithm):
 
     def detached(self, params: Params) -> Params:
         return tree_map(torch.Tensor.detach, params)
+
+    # -- the meta-step every subclass with a per-task meta-gradient shares ----------------------------------
+    def task_meta_gradient(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, yq):
+        """One task's ``((meta-gradient, loss, score), updated statistics)``; the learner's own rule (MAML's inner loop,
+        Meta-LSTM's unrolled updates)."""
+        raise NotImplementedError
+
+    def training_loss(self, batch: Episode):
+        """The mean of the tasks' meta-gradients (:meth:`task_meta_gradient`), as a surrogate loss."""
+        params = self.meta_parameters()
+        images = batch.support_x.shape[1] + batch.query_x.shape[1]
+        grads, loss, score = self.run_tasks(
+            self.task_meta_gradient,
+            (self.detached(params),),
+            (batch.support_x, batch.support_y, batch.query_x, batch.query_y),
+            images,
+        )
+        mean_grads = tree_map(lambda g: g.mean(0), grads)
+        surrogate = surrogate_loss(tree_flatten(params)[0], tree_flatten(mean_grads)[0])
+        return surrogate, {"loss": loss.mean().detach(), self.metric_name: score.mean().detach()}
+
+    @property
+    def metric_name(self) -> str:
+        return "mse" if self.regression else "acc"

@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
 
-from metarun.algorithms.base import surrogate_loss
 from metarun.algorithms.inner_loop import Params, inner_loop
 from metarun.algorithms.learner import FunctionalLearner
 from metarun.algorithms.task_batching import STRATEGIES, map_chunks
@@ -143,23 +141,6 @@ class MAML(FunctionalLearner):
         return (self.as_per_task(grads), loss, score), stats
 
     # -- the Algorithm interface ---------------------------------------------------------------
-    def training_loss(self, batch: Episode):
-        params = self.meta_parameters()
-        images = batch.support_x.shape[1] + batch.query_x.shape[1]
-        grads, loss, score = self.run_tasks(
-            self.task_meta_gradient,
-            (self.detached(params),),
-            (batch.support_x, batch.support_y, batch.query_x, batch.query_y),
-            images,
-        )
-        mean_grads = tree_map(lambda g: g.mean(0), grads)
-        surrogate = surrogate_loss(tree_flatten(params)[0], tree_flatten(mean_grads)[0])
-        return surrogate, {"loss": loss.mean().detach(), self.metric_name: score.mean().detach()}
-
-    @property
-    def metric_name(self) -> str:
-        return "mse" if self.regression else "acc"
-
     def task_score(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, yq, bn_mode: str, batches=None):
         out = self.solve(meta_params, {**fixed, **stats}, xs, ys, xq, self.inner_steps_eval, bn_mode, True, batches)
         return self.loss(out, yq)[1], stats

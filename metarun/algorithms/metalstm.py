@@ -43,9 +43,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.func import grad
-from torch.utils._pytree import tree_flatten, tree_map
 
-from metarun.algorithms.base import surrogate_loss
 from metarun.algorithms.inner_loop import Params, autograd_grad
 from metarun.algorithms.learner import FunctionalLearner
 from metarun.algorithms.task_batching import STRATEGIES
@@ -185,21 +183,7 @@ class MetaLSTM(FunctionalLearner):
         grads, (loss, score) = self.grad(meta_loss, has_aux=True)(meta_params)
         return (self.as_per_task(grads), loss, score), stats
 
-    # -- the Algorithm interface ---------------------------------------------------------------
-    def training_loss(self, batch: Episode):
-        params = self.meta_parameters()
-        images = batch.support_x.shape[1] + batch.query_x.shape[1]
-        grads, loss, score = self.run_tasks(
-            self.task_meta_gradient,
-            (self.detached(params),),
-            (batch.support_x, batch.support_y, batch.query_x, batch.query_y),
-            images,
-        )
-        mean_grads = tree_map(lambda g: g.mean(0), grads)
-        surrogate = surrogate_loss(tree_flatten(params)[0], tree_flatten(mean_grads)[0])
-        metric = "mse" if self.regression else "acc"
-        return surrogate, {"loss": loss.mean().detach(), metric: score.mean().detach()}
-
+    # -- the Algorithm interface (its meta-step is FunctionalLearner.training_loss) ---------------------
     def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
         check_bn_mode(bn_mode)
         params = self.detached(self.meta_parameters())

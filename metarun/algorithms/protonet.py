@@ -116,4 +116,3 @@ class ProtoNet(Algorithm):
     @torch.inference_mode()
     def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
         return accuracy(self.logits(episode, bn_mode), episode.query_y)
-
