@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -76,3 +78,41 @@ def test_finetune_validates_and_tests_on_metadataset_episodes(tmp_path, compose_
     overrides = [*tiny, *MD, "algo=finetune", "algo.batch_size=16", "algo.finetune_steps=5", "eval.episodes=6"]
     trainer.train(compose_config("train", overrides), tmp_path)
     check_results(json.loads((tmp_path / "eval.json").read_text())["results"], episodes=6, classes=20)
+
+
+def test_protomaml_on_metadataset_episodes_resumes_to_the_uninterrupted_run(tmp_path, compose_config, tiny, monkeypatch):
+    from metarun.algorithms.protomaml import ProtoMAML
+    from metarun.loggers.jsonl import TIMING_FIELDS, read_metrics
+
+    def rows(path):
+        return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in read_metrics(path)]
+
+    overrides = [
+        *tiny,
+        *MD,
+        "algo=protomaml",
+        "algo.inner_steps_eval=2",
+        "trainer.steps=4",
+        "trainer.val_every=2",
+        "eval.episodes=6",
+    ]
+    cfg = compose_config("train", overrides)
+    trainer.train(cfg, tmp_path / "whole")
+    results = json.loads((tmp_path / "whole" / "eval.json").read_text())["results"]
+    check_results(results, episodes=6, classes=20)
+
+    original, calls = ProtoMAML.training_loss, []
+
+    def interrupting(self, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch)
+
+    monkeypatch.setattr(ProtoMAML, "training_loss", interrupting)
+    with pytest.raises(SystemExit):
+        trainer.train(cfg, tmp_path / "cut")
+    monkeypatch.setattr(ProtoMAML, "training_loss", original)
+    trainer.train(compose_config("train", [*overrides, f"resume={tmp_path / 'cut'}"]), tmp_path / "ignored")
+    assert rows(tmp_path / "cut" / "metrics.jsonl") == rows(tmp_path / "whole" / "metrics.jsonl")
+    assert json.loads((tmp_path / "cut" / "eval.json").read_text())["results"] == results
