@@ -250,6 +250,9 @@ class TaskConfig:
     queries: int = at_least(1, 15)
     #: tasks per meta-step
     meta_batch: int = at_least(1, 1)
+    #: fixed (ways, shots and queries above) | metadataset (Triantafillou et al. 2020: 5 to 50 ways, varying shots
+    #: and queries per episode, in training, validation and test; metarun/data/metadataset.py)
+    protocol: str = choice("fixed", "metadataset")
 
 
 @dataclass

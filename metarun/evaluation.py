@@ -22,6 +22,7 @@ from rich.table import Table
 from metarun.algorithms.base import Algorithm
 from metarun.config import EvalConfig, check_values
 from metarun.data.episodes import Episode, check_episode, fixed_episodes
+from metarun.data.metadataset import EpisodeSpec, check_split
 from metarun.data.split import FewShotDataset, Split
 from metarun.device import autocast
 from metarun.errors import ConfigError
@@ -112,6 +113,45 @@ def evaluate_settings(
             }
         )
     return results
+
+
+#: the ways buckets Meta-Dataset episodes are also scored by (lowest and highest ways of each)
+WAYS_BUCKETS = ((5, 9), (10, 19), (20, 34), (35, 50))
+
+
+def evaluate_metadataset(
+    algorithm: Algorithm, sampler, *, episodes: int, seed: int, batch_tasks: int, bn_mode: str, precision: str = "fp32"
+) -> list[dict]:
+    """``episodes`` Meta-Dataset episodes (``task.protocol=metadataset``) drawn from ``seed``: a row for all of them,
+    then one per ways bucket that has episodes, each with its per-episode scores (and ways), so that two runs
+    compare pairwise bucket by bucket (``metarun report``)."""
+    scores = score_episodes(
+        algorithm, sampler, episodes=episodes, seed=seed, batch_tasks=batch_tasks, bn_mode=bn_mode,
+        description="metadataset episodes", precision=precision,
+    )  # fmt: skip
+    ways = fixed_episodes(sampler, episodes, seed).ways.cpu().numpy()  # the same episodes, drawn again
+    lo, hi = sampler.ways_range
+
+    def row(label: str, pick: np.ndarray) -> dict:
+        mean, ci = mean_ci95(scores[pick])
+        return {
+            "ways": label,
+            "shots": "variable",
+            "queries": "variable",
+            "episodes": int(pick.sum()),
+            algorithm.score: mean,
+            "ci95": ci,
+            "per_episode": scores[pick].tolist(),
+            "per_episode_ways": ways[pick].tolist(),
+        }
+
+    rows = [row(f"{lo}-{hi}", np.ones_like(ways, dtype=bool))]
+    for a, b in WAYS_BUCKETS:
+        a, b = max(a, lo), min(b, hi)
+        pick = (ways >= a) & (ways <= b)
+        if a <= b and pick.any():
+            rows.append(row(f"{a}-{b}" if a < b else str(a), pick))
+    return rows
 
 
 def evaluate_omniglot_runs(
@@ -205,12 +245,17 @@ def write_eval_json(
     tmp.replace(path)
 
 
-def check_settings(dataset, eval_cfg: DictConfig, algorithm: Algorithm) -> None:
+def check_settings(dataset, eval_cfg: DictConfig, algorithm: Algorithm, protocol: str = "fixed") -> None:
     """Every evaluation setting against its split and the model as soon as both are built, so that a
-    setting neither can serve fails in seconds rather than at the end of a long training run."""
+    setting neither can serve fails in seconds rather than at the end of a long training run. ``protocol``:
+    the run's ``task.protocol`` (``metadataset``: its episodes replace ``eval.settings``)."""
     if eval_cfg.protocol == "omniglot_runs":
         if not eval_cfg.runs_path:
             raise ConfigError("eval.protocol=omniglot_runs needs eval.runs_path=DIR (the folder holding run01, run02, ...)")
+        return
+    if protocol == "metadataset":
+        if not hasattr(dataset, "sampler"):  # (one that generates its tasks is refused by build_sampler)
+            check_split(dataset.splits[eval_cfg.split], eval_cfg.split, EpisodeSpec())
         return
     if algorithm.fixed_ways and all(s.ways != algorithm.ways for s in eval_cfg.settings):
         raise ConfigError(
@@ -277,7 +322,9 @@ def run_evaluation(
         dataset = dataset if dataset is not None else build_dataset(cfg.dataset)
         algorithm = algorithm if given else build_algorithm(cfg, dataset).to(device)
         trained_on = dataset.name
-    check_settings(dataset, eval_cfg, algorithm)
+    # a run trained on Meta-Dataset episodes is tested on them (a run saved before task.protocol existed is fixed)
+    task_protocol = (cfg.get("task") or {}).get("protocol", "fixed")
+    check_settings(dataset, eval_cfg, algorithm, protocol=task_protocol)
     load_model_state(algorithm, ckpt["model"], ckpt["path"])
     bn_mode = resolve_bn_mode(algorithm, eval_cfg.bn_mode)
     precision = eval_precision(eval_cfg, cfg.get("trainer"))
@@ -291,6 +338,17 @@ def run_evaluation(
         results = evaluate_omniglot_runs(
             algorithm, eval_cfg.runs_path, image_size, dataset.mean, dataset.std, device, bn_mode, precision, channels_last
         )
+        protocol = eval_cfg.protocol
+    elif task_protocol == "metadataset":
+        sampler = build_sampler(
+            dataset, eval_cfg.split, ways=0, shots=0, queries=0, seed=0, device=device, channels_last=channels_last,
+            fused=fused, precision=precision, protocol="metadataset",
+        )  # fmt: skip
+        results = evaluate_metadataset(
+            algorithm, sampler, episodes=eval_cfg.episodes, seed=eval_cfg.seed, batch_tasks=eval_cfg.batch_tasks,
+            bn_mode=bn_mode, precision=precision,
+        )  # fmt: skip
+        protocol = "metadataset"
     else:
         settings = servable_settings(algorithm, OmegaConf.to_container(eval_cfg.settings, resolve=True), console)
 
@@ -311,17 +369,18 @@ def run_evaluation(
             bn_mode,
             precision,
         )
+        protocol = eval_cfg.protocol
     across = f" (trained on {trained_on}, evaluated on {dataset.name})" if evaluated_on is not None else ""
     console.print(f"evaluated {ckpt['path']}{across}", soft_wrap=True, markup=False, highlight=False)
     title = f"{dataset.name} {eval_cfg.split} ({bn_mode} batch norm{'' if precision == 'fp32' else ', ' + precision})"
     console.print(results_table(results, title))
     name = "eval.json" if evaluated_on is None else f"eval_on_{dataset.name}.json"
     write_eval_json(
-        run_dir / name, ckpt["path"], dataset.name, eval_cfg.protocol, eval_cfg.split, bn_mode, results, precision,
+        run_dir / name, ckpt["path"], dataset.name, protocol, eval_cfg.split, bn_mode, results, precision,
         trained_on=trained_on,
     )  # fmt: skip
     if logger is not None:
-        logger.log_eval(results, eval_cfg.protocol)
+        logger.log_eval(results, protocol)
     return results
 
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun.algorithms.base import Algorithm
 from metarun.data.episodes import EpisodeSampler
+from metarun.data.metadataset import PROTOCOLS, MetaDatasetSampler
 from metarun.data.multi import MultiSourceDataset
 from metarun.data.split import FewShotDataset
 from metarun.device import input_dtype
@@ -66,28 +67,27 @@ def build_sampler(
     data_device: torch.device | None = None,
     fused: bool = False,
     precision: str = "fp32",
+    protocol: str = "fixed",
 ) -> EpisodeSampler:
     """Episodes for a run on ``device``, sampled where the split lives (``data_device``, default ``device``), with
-    images in the dtype the run's ``precision`` (autocast) computes its first layer in."""
+    images in the dtype the run's ``precision`` (autocast) computes its first layer in. ``protocol``: ``fixed``
+    (``ways``, ``shots``, ``queries``) or ``metadataset`` (:class:`~metarun.data.metadataset.MetaDatasetSampler`,
+    which ignores them)."""
     if isinstance(dataset, MultiSourceDataset):  # one engine sampler per source, each with this run's options
         engine = dict(augment=augment, channels_last=channels_last, data_device=data_device, fused=fused, precision=precision)
         return dataset.sampler(
             split, ways=ways, shots=shots, queries=queries, seed=seed, device=device, build_sampler=build_sampler, **engine
         )
     if hasattr(dataset, "sampler"):  # datasets that generate their tasks (e.g. regression toys)
+        if protocol != "fixed":
+            raise ConfigError(f"task.protocol={protocol} draws classes from a split: dataset={dataset.name} generates its tasks")
         return dataset.sampler(split, ways=ways, shots=shots, queries=queries, seed=seed, device=device)
     transform = None
     if augment:
         from metarun.data.augment import augment_batch
 
         transform = augment_batch
-    return EpisodeSampler(
-        dataset.splits[split],
-        ways,
-        shots,
-        queries,
-        dataset.mean,
-        dataset.std,
+    options = dict(
         seed=seed,
         device=device if data_device is None else data_device,
         split_name=split,
@@ -97,6 +97,11 @@ def build_sampler(
         fused=fused,
         dtype=input_dtype(precision),
     )
+    if protocol == "metadataset":
+        return MetaDatasetSampler(dataset.splits[split], dataset.mean, dataset.std, **options)
+    if protocol != "fixed":
+        raise ConfigError(f"task.protocol={protocol}: valid protocols are {', '.join(PROTOCOLS)}")
+    return EpisodeSampler(dataset.splits[split], ways, shots, queries, dataset.mean, dataset.std, **options)
 
 
 def input_shape(dataset: FewShotDataset) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 #: result keys that describe a setting or hold raw scores, never the score itself
-SETTING_KEYS = ("ways", "shots", "queries", "episodes", "runs", "ci95", "per_episode", "per_run")
+SETTING_KEYS = ("ways", "shots", "queries", "episodes", "runs", "ci95", "per_episode", "per_run", "per_episode_ways")
 #: scores shown in percent
 PERCENT = ("accuracy", "error")
 
@@ -41,7 +41,10 @@ def mean_ci95(values) -> tuple[float, float]:
 
 
 def setting_name(result: dict, protocol: str) -> str:
-    """``5w1s``; ``20w1s_runs`` for the Omniglot runs protocol, whose runs are fixed rather than sampled."""
+    """``5w1s``; ``20w1s_runs`` for the Omniglot runs protocol, whose runs are fixed rather than sampled;
+    ``md5-50w`` (all episodes) and ``md10-19w`` (a ways bucket) for Meta-Dataset episodes."""
+    if protocol == "metadataset":
+        return f"md{result['ways']}w"
     return f"{result['ways']}w{result['shots']}s" + ("_runs" if protocol == "omniglot_runs" else "")
 
 

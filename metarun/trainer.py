@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.table import Table
 
@@ -34,7 +35,7 @@ from metarun.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from metarun.config import TrainConfig, algorithm_class, check_values
+from metarun.config import TrainConfig, algorithm_class, algorithm_schemas, check_values
 from metarun.data.episodes import EpisodeSampler, check_episode
 from metarun.data.split import FewShotDataset
 from metarun.device import autocast, compile_step, refuse_compile, resolve_device
@@ -158,7 +159,7 @@ def build_step(
     sampler = build_sampler(
         dataset, "train", ways=t.ways, shots=t.shots, queries=t.queries, seed=tr.seed, device=device,
         augment=cfg.dataset.get("augment", False), channels_last=tr.channels_last, data_device=where,
-        fused=tr.get("fused_sampling", False), precision=tr.precision,
+        fused=tr.get("fused_sampling", False), precision=tr.precision, protocol=t.get("protocol", "fixed"),
     )  # fmt: skip
     return Step(
         algorithm=algorithm,
@@ -331,7 +332,8 @@ def setup_run(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     dataset = build_dataset(cfg.dataset)
-    if not hasattr(dataset, "sampler"):  # datasets that generate their tasks serve any episode
+    protocol = t.get("protocol", "fixed")  # (a run saved before the key existed is fixed)
+    if not hasattr(dataset, "sampler") and protocol == "fixed":  # generated tasks serve any episode; metadataset checks its own
         check_episode(dataset.splits["train"], t.ways, t.shots, t.queries, "train", ("task.ways", "task.shots", "task.queries"))
         check_episode(
             dataset.splits["val"], t.ways, t.shots, cfg.eval.queries, "val", ("task.ways", "task.shots", "eval.queries")
@@ -340,7 +342,7 @@ def setup_run(
     cfg, tr = with_speed_settings(cfg, device, where)
     algorithm = build_algorithm(cfg, dataset).to(device)
     if cfg.eval.after_train:
-        check_settings(dataset, cfg.eval, algorithm)
+        check_settings(dataset, cfg.eval, algorithm, protocol=protocol)
     if tr.channels_last:
         algorithm = algorithm.to(memory_format=torch.channels_last)
     step = build_step(cfg, dataset, algorithm, topo=topo, where=where)
@@ -348,6 +350,7 @@ def setup_run(
     val_sampler = build_sampler(
         dataset, "val", ways=t.ways, shots=t.shots, queries=cfg.eval.queries, seed=tr.seed, device=device,
         channels_last=tr.channels_last, data_device=where, fused=tr.get("fused_sampling", False), precision=val_precision,
+        protocol=protocol,
     )  # fmt: skip
     best = saved_step = None
     if resume is not None:
@@ -406,6 +409,24 @@ def check_config(cfg: DictConfig) -> None:
     check_values(cfg, TrainConfig)
     if cfg.trainer.compile and not algorithm_class(cfg.algo).compiles_with(cfg.algo):
         raise refuse_compile()
+    if cfg.task.get("protocol", "fixed") == "metadataset":
+        refuse_fixed_ways(cfg)
+
+
+def refuse_fixed_ways(cfg: DictConfig) -> None:
+    """``task.protocol=metadataset`` needs an algorithm that serves episodes of any ways and shots, and shapes
+    that may change from step to step."""
+    cls = algorithm_class(cfg.algo)
+    if not cls.variable_ways:
+        serving = sorted(name for name, schema in algorithm_schemas().items() if get_class(schema._target_).variable_ways)
+        raise ConfigError(
+            f"task.protocol=metadataset: {cls.__name__} serves episodes of task.ways classes only, not of 5 to 50; "
+            f"use {', '.join(f'algo={n}' for n in serving)}, or task.protocol=fixed"
+        )
+    if cfg.trainer.compile:
+        raise ConfigError(
+            "trainer.compile=true compiles for fixed shapes, but task.protocol=metadataset episodes change shape every step"
+        )
 
 
 def log_row(run: Run, bar: TrainingProgress) -> None:

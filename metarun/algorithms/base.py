@@ -24,6 +24,8 @@ class Algorithm(nn.Module):
     default_bn_mode: str = "transductive"
     #: whether episodes must have ``ways`` classes (a meta-learned head); else any number is served
     fixed_ways: bool = False
+    #: whether it serves padded episodes of varying ways and shots (``task.protocol=metadataset``); the others refuse it
+    variable_ways: bool = False
     #: whether NHWC pays on a CPU (``trainer.channels_last=auto``): convolutions shared by all tasks of a call do,
     #: per-task grouped ones ran slower in it
     channels_last_pays: bool = False

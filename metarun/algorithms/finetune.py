@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.algorithms.base import Algorithm, accuracy
+from metarun.algorithms.padded import is_padded, mask_classes, masked_mean, per_task_features, task_losses
 from metarun.algorithms.task_batching import fold_features
 from metarun.data.episodes import Batch, Episode
 from metarun.errors import ConfigError
@@ -62,6 +63,7 @@ class Finetune(Algorithm):
     channels_last_pays = True  # its convolutions are shared by all tasks of a call
     Config = FinetuneConfig
     default_bn_mode = "running"  # the backbone is an ordinary network, evaluated in eval mode
+    variable_ways = True
 
     def __init__(
         self,
@@ -105,10 +107,18 @@ class Finetune(Algorithm):
     # -- test time ------------------------------------------------------------------------
     def features(self, episode: Episode, bn_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen-backbone features ``[tasks, n, d]`` of support and query, each task with its own statistics."""
+        if is_padded(episode):  # each task at its real size, so that batch norm never sees padding
+            return per_task_features(
+                self.backbone, episode, lambda task: fold_features(self.backbone, task.support_x, task.query_x, bn_mode)
+            )
         return fold_features(self.backbone, episode.support_x, episode.query_x, bn_mode)
 
-    def fit_heads(self, zs: torch.Tensor, ys: torch.Tensor, ways: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A new classifier per task, ``[tasks, ways, d]`` (+ bias), fitted on the support features."""
+    def fit_heads(
+        self, zs: torch.Tensor, ys: torch.Tensor, ways: int, episode: Episode | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A new classifier per task, ``[tasks, ways, d]`` (+ bias), fitted on the support features (of a padded
+        ``episode``: on its real samples, over its real classes)."""
+        padded = episode is not None and is_padded(episode)
         t, _, d = zs.shape
         g = torch.Generator(device=zs.device).manual_seed(0)  # the same start for every task and run
         bound = 1.0 / d**0.5  # nn.Linear's initialisation
@@ -120,8 +130,11 @@ class Finetune(Algorithm):
         with torch.enable_grad():
             for _ in range(self.finetune_steps):
                 logits = head_logits(zs, weight, bias, self.head_kind, self.cosine_scale)
+                if padded:
+                    logits = mask_classes(logits, episode.class_mask)
                 # sum over tasks of each task's mean loss: per-task gradients are independent
-                loss = F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="none").view(t, -1).mean(1).sum()
+                loss = F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="none").view(t, -1)
+                loss = masked_mean(loss, episode.support_mask).sum() if padded else loss.mean(1).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -131,6 +144,9 @@ class Finetune(Algorithm):
         check_bn_mode(bn_mode)
         with torch.no_grad():
             zs, zq = self.features(episode, bn_mode)
-        weight, bias = self.fit_heads(zs, episode.support_y, episode.ways)
+        weight, bias = self.fit_heads(zs, episode.support_y, episode.ways, episode)
         with torch.no_grad():
-            return accuracy(head_logits(zq, weight, bias, self.head_kind, self.cosine_scale), episode.query_y)
+            logits = head_logits(zq, weight, bias, self.head_kind, self.cosine_scale)
+            if is_padded(episode):
+                return task_losses(mask_classes(logits, episode.class_mask), episode.query_y, episode.query_mask)[1]
+            return accuracy(logits, episode.query_y)

@@ -88,6 +88,11 @@ class MAML(FunctionalLearner):
         """The inner learning rate(s) for the adapted parameters (Meta-SGD: learned, per parameter)."""
         return self.inner_lr
 
+    def initial_weights(self, meta_params: Params, buffers: Params, xs, ys, inner: str) -> Params:
+        """The weights a task's inner loop starts from: the meta-learned ones (Proto-MAML: with a head made from
+        the task's support set)."""
+        return self.per_task({"backbone": meta_params["backbone"], "head": meta_params["head"]})
+
     def carried_moments(self, meta_params: Params) -> tuple[Params, Params, torch.Tensor] | None:
         """The Adam state an inner loop starts from (Reptile's, carried across tasks); None: zero."""
         return None
@@ -100,8 +105,8 @@ class MAML(FunctionalLearner):
 
         ``batches`` (``[steps, b]`` support indices) gives each step a mini-batch; None: the whole support set."""
         lrs = self.inner_lrs(meta_params)
-        model = self.per_task({"backbone": meta_params["backbone"], "head": meta_params["head"]})
         inner = self.inner_mode(bn_mode)
+        model = self.initial_weights(meta_params, buffers, xs, ys, inner)
 
         def support_loss(p, step):
             x, y = (

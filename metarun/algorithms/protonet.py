@@ -15,20 +15,30 @@ import torch
 import torch.nn.functional as F
 
 from metarun.algorithms.base import Algorithm, accuracy, surrogate_loss
+from metarun.algorithms.padded import is_padded, mask_classes, per_task_features, task_losses
 from metarun.data.episodes import Episode
 from metarun.errors import ConfigError
 from metarun.models.norm import norm_statistics, one_task_per_call
 
 
-def prototypes(support: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
-    """``[tasks, n, d]`` embeddings -> ``[tasks, ways, d]`` class means."""
+def prototypes(support: torch.Tensor, labels: torch.Tensor, ways: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[tasks, n, d]`` embeddings -> ``[tasks, ways, d]`` class means; ``mask`` ``[tasks, n]``: the real samples of a
+    padded episode (a padded class's prototype is then zero)."""
     onehot = F.one_hot(labels, ways).to(support.dtype)  # [t, n, w]
+    if mask is not None:
+        onehot = onehot * mask[..., None].to(onehot.dtype)
+        return onehot.transpose(1, 2) @ support / onehot.sum(1).clamp_min(1)[..., None]
     return onehot.transpose(1, 2) @ support / onehot.sum(1)[..., None]
 
 
 def logits_from_distances(query: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     """Negative squared Euclidean distances, ``[tasks, q, ways]``."""
     return -(query.pow(2).sum(-1, keepdim=True) - 2 * query @ protos.transpose(1, 2) + protos.pow(2).sum(-1)[:, None, :])
+
+
+def at_least_float(x: torch.Tensor) -> torch.Tensor:
+    """Distances in float32 from bf16 or fp16 features; float64 ones (the tests' references) stay float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 @dataclass
@@ -40,6 +50,7 @@ class ProtoNet(Algorithm):
     channels_last_pays = True  # its convolutions are shared by all tasks of a call
     Config = ProtoNetConfig
     default_bn_mode = "running"  # as in the paper's code: the model in eval mode at test time
+    variable_ways = True
 
     def __init__(self, backbone, ways: int, task_kind: str = "classification") -> None:
         super().__init__(backbone, ways)
@@ -56,6 +67,8 @@ class ProtoNet(Algorithm):
         meta-batch of Omniglot tasks (``docs/performance.md``). An accelerator
         takes all tasks in one call.
         """
+        if is_padded(episode):  # each task at its real size, so that batch norm never sees padding
+            return per_task_features(self.backbone, episode, lambda task: self.embed_tasks(task.support_x, task.query_x, mode))
         t = episode.num_tasks
         if episode.support_x.device.type != "cpu" or t == 1:
             return self.embed_tasks(episode.support_x, episode.query_x, mode)
@@ -80,13 +93,27 @@ class ProtoNet(Algorithm):
 
     def logits(self, episode: Episode, stats: str) -> torch.Tensor:
         s, q = self.embed(episode, stats)
-        return logits_from_distances(q.float(), prototypes(s.float(), episode.support_y, episode.ways))
+        s, q = at_least_float(s), at_least_float(q)
+        if not is_padded(episode):
+            return logits_from_distances(q, prototypes(s, episode.support_y, episode.ways))
+        protos = prototypes(s, episode.support_y, episode.ways, episode.support_mask)
+        return mask_classes(logits_from_distances(q, protos), episode.class_mask)
 
     def training_loss(self, batch: Episode):
         params = [p for p in self.parameters() if p.requires_grad]
-        if batch.support_x.device.type == "cpu" and batch.num_tasks > 1 and params and torch.is_grad_enabled():
+        if (
+            batch.support_x.device.type == "cpu"
+            and batch.num_tasks > 1
+            and params
+            and torch.is_grad_enabled()
+            and not is_padded(batch)
+        ):
             return self.training_loss_task_by_task(batch, params)
         logits = self.logits(batch, "batch")
+        if is_padded(batch):  # each episode weighs the same, whatever its number of queries
+            losses, accs = task_losses(logits, batch.query_y, batch.query_mask)
+            loss = losses.mean()
+            return loss, {"loss": loss.detach(), "acc": accs.mean().detach()}
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
         return loss, {"loss": loss.detach(), "acc": accuracy(logits, batch.query_y).mean().detach()}
 
@@ -115,4 +142,6 @@ class ProtoNet(Algorithm):
 
     @torch.inference_mode()
     def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+        if is_padded(episode):
+            return task_losses(self.logits(episode, bn_mode), episode.query_y, episode.query_mask)[1]
         return accuracy(self.logits(episode, bn_mode), episode.query_y)

@@ -235,6 +235,48 @@ class Bench:
         )
         self.sample_seconds[shape.name] = (fast, note)
 
+    def bench_metadataset_sampler(self, shape: Shape) -> None:
+        """Meta-batches of ``shape.meta_batch`` Meta-Dataset episodes (``task.protocol=metadataset``) from a split of
+        ``shape``'s images, against drawing them one episode and one image at a time."""
+        ds = self.dataset(shape)
+        settings = default_settings("sampler", self.device, precision=self.precision)
+        engine = build_sampler(
+            ds, "train", ways=0, shots=0, queries=0, seed=0, device=self.device, channels_last=settings.channels_last,
+            fused=settings.fused_sampling, precision=settings.precision, protocol="metadataset",
+        )  # fmt: skip
+        reference = ref.MetaDatasetEpisodes(ds.splits["train"], ds.mean, ds.std)
+        t = shape.meta_batch
+
+        def repeated(sample: Callable[[int], object]) -> Callable[[], None]:
+            def run() -> None:
+                for _ in range(SAMPLER_ROUNDS):
+                    sample(t)
+
+            return run
+
+        timing = measure(
+            {"engine": repeated(engine.sample), "one episode at a time": repeated(reference.sample)},
+            self.repeats,
+            self.warmup,
+            self.device,
+            min_seconds=self.min_seconds,
+        )
+        fast, slow = (replace(timing[k], seconds=timing[k].seconds / SAMPLER_ROUNDS) for k in ("engine", "one episode at a time"))
+        self.add(
+            make_row(
+                name="sampler",
+                metric="metadataset_episodes_per_s",
+                shape=f"{shape.name.split('-')[0]}-metadataset",
+                value=t / fast.seconds,
+                reference="one episode at a time",
+                reference_value=t / slow.seconds,
+                fast=fast,
+                slow=slow,
+                settings=f"device={self.device.type}, {settings.precision}, {t} episodes a call"
+                + (", fused" if engine.fused else ""),
+            )  # fmt: skip
+        )
+
     def bench_sampler_share(self, shape: Shape) -> None:
         """Sampling a meta-batch as a fraction of the ProtoNet meta-step that consumes it (both timed above)."""
         (fast, note), step = self.sample_seconds[shape.name], self.protonet_step[shape.name]
@@ -617,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         for shape in shapes.values():
             if shape.queries == 15 and shape.shots == 1:
                 bench.bench_sampler(shape)
+                bench.bench_metadataset_sampler(shape)
     for name in wanted[1:] if "sampler" in wanted else wanted:
         settings = default_settings(name, device, precision=args.precision)
         if name in others:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +26,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
 from metarun.data.episodes import Episode
+from metarun.data.metadataset import PaddedEpisode
 from metarun.data.split import Split
 
 
@@ -102,6 +104,57 @@ class DataLoaderEpisodes:
 
     def sample(self, num_tasks: int) -> list[Episode]:
         return [self.episode() for _ in range(num_tasks)]
+
+
+class MetaDatasetEpisodes:
+    """Meta-Dataset episodes one at a time, as its reference pipeline composes them: each episode's description
+    drawn in numpy by the procedure of ``meta_dataset/data/sampling.py`` (ways, classes, queries, support-set size,
+    its split over the classes), each image read by one ``__getitem__``; the meta-batch is then padded to its
+    largest episode, with masks, as the package's sampler returns it."""
+
+    def __init__(self, split: Split, mean, std, seed: int = 0) -> None:
+        self.dataset = ImageDataset(split, mean, std)
+        self.per_class = split.images.shape[1]
+        self.counts = np.full(split.images.shape[0], self.per_class)
+        self.rng = np.random.RandomState(seed)
+
+    def episode(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        rng = self.rng
+        ways = rng.randint(5, min(50, len(self.counts)) + 1)
+        classes = rng.choice(len(self.counts), ways, replace=False)
+        images = self.counts[classes]
+        queries = min(10, (images // 2).min())
+        remaining = images - queries
+        size = min(np.floor(rng.uniform() * np.minimum(100, remaining) + 1).sum(), 500)
+        weights = images * np.exp(rng.uniform(np.log(0.5), np.log(2.0), size=ways))
+        shots = np.minimum(np.floor(weights / weights.sum() * (size - ways)).astype(int) + 1, remaining)
+        xs, ys, xq, yq = [], [], [], []
+        for label, (c, s, n) in enumerate(zip(classes, shots, images, strict=True)):
+            order = rng.permutation(n)
+            xs += [self.dataset[c * self.per_class + i][0] for i in order[:s]]
+            xq += [self.dataset[c * self.per_class + i][0] for i in order[s : s + queries]]
+            ys += [label] * s
+            yq += [label] * queries
+        return torch.stack(xs), torch.tensor(ys), torch.stack(xq), torch.tensor(yq), ways
+
+    def sample(self, num_tasks: int) -> PaddedEpisode:
+        episodes = [self.episode() for _ in range(num_tasks)]
+        s, q, w = max(len(e[1]) for e in episodes), max(len(e[3]) for e in episodes), max(e[4] for e in episodes)
+
+        def pad(x: torch.Tensor, n: int) -> torch.Tensor:
+            return torch.cat([x, x.new_zeros(n - len(x), *x.shape[1:])])
+
+        return PaddedEpisode(
+            torch.stack([pad(e[0], s) for e in episodes]),
+            torch.stack([pad(e[1], s) for e in episodes]),
+            torch.stack([pad(e[2], q) for e in episodes]),
+            torch.stack([pad(e[3], q) for e in episodes]),
+            w,
+            torch.stack([torch.arange(s) < len(e[1]) for e in episodes]),
+            torch.stack([torch.arange(q) < len(e[3]) for e in episodes]),
+            torch.stack([torch.arange(w) < e[4] for e in episodes]),
+            [(e[4], len(e[1]), len(e[3])) for e in episodes],
+        )
 
 
 # -- models the references train ----------------------------------------------------------

@@ -11,6 +11,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from metarun.bench.references import Classifier, maml_query_loss
 from metarun.models.conv4 import Conv4
@@ -68,3 +69,28 @@ def reference_maml(algo, xs, ys, xq, yq, steps: int, first_order: bool, lrs=None
     grads = [g / T for g in grads]
     lr_grads = [g / T for g in lr_grads] if lr_grads is not None else None
     return grads, lr_grads, stats
+
+
+def reference_protomaml(algo, xs, ys, xq, yq, ways: int, steps: int, first_order: bool):
+    """Mean over tasks of the Proto-MAML meta-gradient with respect to the backbone, per task on a fresh copy of the
+    network: the support features through the meta-learned backbone (batch statistics), the class means ``c_k``
+    class by class, a head ``W = 2 c_k``, ``b = -||c_k||²``, then :func:`maml_query_loss` from the backbone and that
+    head, differentiated through the head's construction. Returns ``(grads, heads)``, the heads it started from."""
+    params = dict(algo.backbone.named_parameters())
+    grads, heads = None, []
+    for t in range(xs.shape[0]):
+        backbone = copy.deepcopy(algo.backbone)
+        z = functional_call(backbone, params, (xs[t],))
+        protos = torch.stack([z[ys[t] == k].mean(0) for k in range(ways)])
+        head = nn.Linear(protos.shape[1], ways).to(protos.dtype)
+        # clones: the inner steps' gradients are taken with the head held fixed, not through its construction
+        weights = {f"backbone.{n}": p.clone() for n, p in params.items()}
+        weights |= {"head.weight": 2 * protos, "head.bias": -(protos**2).sum(1)}
+        heads.append((weights["head.weight"].detach(), weights["head.bias"].detach()))
+        meta = maml_query_loss(
+            Classifier(backbone, head), weights, (xs[t], ys[t], xq[t], yq[t]), steps=steps, first_order=first_order,
+            inner_lr=algo.inner_lr,
+        )  # fmt: skip
+        gt = torch.autograd.grad(meta, list(params.values()))
+        grads = list(gt) if grads is None else [a + b for a, b in zip(grads, gt, strict=True)]
+    return [g / xs.shape[0] for g in grads], heads

@@ -14,7 +14,7 @@ from metarun.loggers.jsonl import TIMING_FIELDS, read_metrics
 from metarun.trainer import train
 from tests.conftest import run_cli
 
-ALGOS = ["maml", "fomaml", "metasgd", "anil", "reptile", "finetune"]
+ALGOS = ["maml", "fomaml", "metasgd", "anil", "reptile", "finetune", "protomaml"]
 CLASSES = {
     "maml": "metarun.algorithms.maml.MAML",
     "fomaml": "metarun.algorithms.maml.MAML",
@@ -22,6 +22,7 @@ CLASSES = {
     "anil": "metarun.algorithms.anil.ANIL",
     "reptile": "metarun.algorithms.reptile.Reptile",
     "finetune": "metarun.algorithms.finetune.Finetune",
+    "protomaml": "metarun.algorithms.protomaml.ProtoMAML",
 }
 
 
@@ -34,6 +35,7 @@ def small(tiny, algo: str) -> list[str]:
         "anil": ["algo.inner_steps=2", "algo.inner_steps_eval=2"],
         "reptile": ["algo.inner_steps=2", "algo.inner_steps_eval=3", "algo.inner_batch=4"],
         "finetune": ["algo.batch_size=16", "algo.finetune_steps=5"],
+        "protomaml": ["algo.inner_steps_eval=2"],
     }[algo]
     return [*tiny, f"algo={algo}", "task.meta_batch=2", "trainer.steps=4", "trainer.val_every=2", *extra]
 
