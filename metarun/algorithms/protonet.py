@@ -128,7 +128,7 @@ class ProtoNet(Algorithm):
             for i in range(t):
                 task = batch.select(slice(i, i + 1))
                 s, q = self.embed_tasks(task.support_x, task.query_x, "batch")
-                logits = logits_from_distances(q.float(), prototypes(s.float(), task.support_y, batch.ways))
+                logits = logits_from_distances(at_least_float(q), prototypes(at_least_float(s), task.support_y, batch.ways))
                 loss = F.cross_entropy(logits.flatten(0, 1), task.query_y.flatten())
                 for g, gi in zip(grads, torch.autograd.grad(loss / t, params, allow_unused=True), strict=True):
                     if gi is not None:

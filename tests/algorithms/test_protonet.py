@@ -94,8 +94,8 @@ def test_task_by_task_cpu_step_has_the_one_call_gradients_loss_and_statistics():
     logits = whole.logits(episode, "batch")  # every task's forward first, then one backward
     expected = F.cross_entropy(logits.flatten(0, 1), yq.flatten())
     expected.backward()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-6)  # distances are taken in float32
-    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-12)
+    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-12)
     for p, q in zip(split.parameters(), whole.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
     for a, b in zip(split.buffers(), whole.buffers(), strict=True):
