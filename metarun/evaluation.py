@@ -29,6 +29,7 @@ from metarun.errors import ConfigError
 from metarun.models.norm import check_bn_mode
 from metarun.progress import progress_bar
 from metarun.results import mean_ci95
+from metarun.speed_settings import resolve_speed_settings
 
 
 def setting_seed(seed: int, ways: int, shots: int) -> int:
@@ -327,9 +328,15 @@ def run_evaluation(
     check_settings(dataset, eval_cfg, algorithm, protocol=task_protocol)
     load_model_state(algorithm, ckpt["model"], ckpt["path"])
     bn_mode = resolve_bn_mode(algorithm, eval_cfg.bn_mode)
-    precision = eval_precision(eval_cfg, cfg.get("trainer"))
-    channels_last = bool(cfg.get("trainer", {}).get("channels_last", False))
-    fused = bool(cfg.get("trainer", {}).get("fused_sampling", False))
+    # the run's speed settings; a config composed but never trained (auto left in it) resolves them as training would
+    tr = cfg.get("trainer") or {}
+    speed = resolve_speed_settings(
+        precision=tr.get("precision", "fp32"), channels_last=tr.get("channels_last", False),
+        fused_sampling=tr.get("fused_sampling", False), device=device, channels_last_pays=algorithm.channels_last_pays,
+        steps=int(tr.get("steps", 0)),
+    )  # fmt: skip
+    precision = eval_precision(eval_cfg, {"precision": speed.precision})
+    channels_last, fused = speed.channels_last, speed.fused_sampling
     if channels_last and not given:
         algorithm = algorithm.to(memory_format=torch.channels_last)
     console = console or Console()

@@ -237,7 +237,7 @@ CHECKPOINT_CASES = {
     "eval: a key only training has": (
         ["eval", "checkpoint={run}", "algo.inner_steps_eval=3"],
         2,
-        ("unknown key 'algo': valid keys are checkpoint, device, eval, logger",),
+        ("unknown key 'algo': valid keys are checkpoint, dataset, task, trainer, device, eval, logger",),
     ),
     "resume: missing": (["train", "resume={damaged}/nope"], 1, ("nope does not exist",)),
     "resume: truncated": (["train", "resume={damaged}/truncated.pt"], 1, ("unreadable or truncated",)),
