@@ -147,7 +147,10 @@ class Predictor:
         check_ways(self.algorithm, self.name, len(classes))
         y = torch.tensor([classes.index(label) for label in labels], dtype=torch.long)
         order = torch.argsort(y, stable=True)  # class by class, as the episode engine lays out a support set
-        self.classes, self.support = classes, (x[order.to(x.device)], y[order].to(self.device))
+        x = x[order.to(x.device)]
+        if self.channels_last:  # indexing gives a contiguous tensor back; evaluation's convolutions ran NHWC
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.classes, self.support = classes, (x, y[order].to(self.device))
         return self
 
     def predict_logits(self, images: Any, *, query_batch: int = QUERY_BATCH) -> torch.Tensor:
