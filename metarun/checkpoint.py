@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-import metarun
 from metarun.algorithms.base import Algorithm
 from metarun.data.cache import atomic_torch_save
 from metarun.errors import CheckpointError
+from metarun.version import __version__
 
 FORMAT = 1
 
@@ -50,7 +50,7 @@ def seed_everything(seed: int) -> None:
 def save_checkpoint(path: Path, **payload: Any) -> None:
     """Writes ``path`` atomically; a full disk is the user's to fix, so it is a one-line error, not a traceback."""
     try:
-        atomic_torch_save({"format": FORMAT, "version": metarun.__version__, "rng": rng_state(), **payload}, path)
+        atomic_torch_save({"format": FORMAT, "version": __version__, "rng": rng_state(), **payload}, path)
     except OSError as ex:
         if ex.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -86,7 +86,7 @@ def load_checkpoint(path: str | Path, prefer: str = "best.pt") -> dict:
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{p} was written by metarun {ckpt.get('version', '?')} in checkpoint format {ckpt.get('format')}; "
-            f"this metarun ({metarun.__version__}) reads format {FORMAT}: use metarun {ckpt.get('version', '?')} for it, or train again"
+            f"this metarun ({__version__}) reads format {FORMAT}: use metarun {ckpt.get('version', '?')} for it, or train again"
         )
     ckpt["path"] = p
     return ckpt

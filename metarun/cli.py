@@ -29,6 +29,7 @@ COMMANDS = {
 EXTRA_COMMANDS = {
     "report": "a table and chart of every run under a run or sweep folder",
     "bench": "the speed benchmark (see `make bench`)",
+    "predict": "label your own images with a trained run, from a few labelled examples per class",
 }
 
 USAGE = """usage: metarun <command> [overrides] [-m] [--cfg job] [--help] [--debug]
@@ -172,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
         from metarun.bench import main as bench_main
 
         sys.exit(run_and_report(lambda: bench_main(rest)))
+    elif command == "predict":
+        from metarun.predictor import main as predict_main
+
+        sys.exit(run_and_report(lambda: predict_main(rest)))
     else:
         names = ", ".join([*COMMANDS, *EXTRA_COMMANDS])
         print(f"error: unknown command '{command}': valid commands are {names} (see metarun --help)", file=sys.stderr)

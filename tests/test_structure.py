@@ -22,6 +22,8 @@ MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 def resolve(name: str) -> str | None:
     """The package module an imported name lives in (``metarun.a.b.func`` -> ``metarun.a.b``)."""
     while name and name not in MODULES:
+        if (PACKAGE.parent / name.replace(".", "/")).is_dir():  # a namespace sub-package: importing it runs no package code
+            return None
         name = name.rpartition(".")[0]
     return name or None
 

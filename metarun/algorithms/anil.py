@@ -122,15 +122,13 @@ class ANIL(MAML):
         surrogate = surrogate_loss(params, [g / batch.num_tasks for g in sums])
         return surrogate, {"loss": torch.stack(losses).mean(), self.metric_name: torch.stack(scores).mean()}
 
-    def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+    def predict_logits(self, episode: Episode, bn_mode: str) -> torch.Tensor:
         check_bn_mode(bn_mode)
         head = self.detached(self.model_parameters()["head"])
 
-        def task_score(h, zs, ys, zq, yq):
-            return self.loss(self.adapt_head(h, zs, ys, zq, self.inner_steps_eval, True), yq)[1]
+        def task_outputs(h, zs, ys, zq):
+            return self.adapt_head(h, zs, ys, zq, self.inner_steps_eval, True)
 
         with torch.no_grad():
             zs, zq = fold_features(self.backbone, episode.support_x, episode.query_x, bn_mode)
-            return map_tasks(
-                task_score, (head,), (zs, episode.support_y, zq, episode.query_y), self.head_strategy(), self.chunk_size
-            )
+            return map_tasks(task_outputs, (head,), (zs, episode.support_y, zq), self.head_strategy(), self.chunk_size)

@@ -3,7 +3,9 @@
 The trainer never looks inside an algorithm. Each meta-step it asks for a batch
 (:meth:`Algorithm.sample_batch`), gets a loss to call ``backward()`` on
 (:meth:`Algorithm.training_loss`), and steps the optimiser; at evaluation it
-asks for one score per task (:meth:`Algorithm.evaluate`). Algorithms that
+asks for one score per task (:meth:`Algorithm.evaluate`), which scores the query
+outputs of :meth:`Algorithm.predict_logits`, the one path evaluation and
+``metarun predict`` share. Algorithms that
 compute their meta-gradient with ``torch.func`` return a surrogate loss whose
 gradient is that meta-gradient, so gradient clipping, mixed precision and the
 data-parallel all-reduce stay in the trainer, written once.
@@ -54,9 +56,23 @@ class Algorithm(nn.Module):
         """The loss to back-propagate and detached 0-d metrics (``loss``, ``acc``) kept on the device."""
         raise NotImplementedError
 
+    def predict_logits(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+        """Each query's class scores ``[tasks, queries, ways]`` (softmax gives its probabilities; a regression
+        learner's predictions instead) after solving each task from its support set; ``episode.query_y`` is unused.
+
+        A query's scores depend on the support set and that query alone unless ``bn_mode`` is ``transductive``,
+        whose batch statistics are the query set's."""
+        raise NotImplementedError(f"{type(self).__name__} does not give per-query scores")
+
     def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
-        """One score per task ``[tasks]`` after solving each task from its support set."""
-        raise NotImplementedError
+        """One score per task ``[tasks]`` after solving each task from its support set (padded variable-way
+        episodes: over their real classes and queries)."""
+        logits = self.predict_logits(episode, bn_mode)
+        if getattr(episode, "query_mask", None) is not None:
+            from metarun.algorithms.padded import mask_classes, task_losses
+
+            return task_losses(mask_classes(logits, episode.class_mask), episode.query_y, episode.query_mask)[1]
+        return accuracy(logits, episode.query_y)
 
     def upgrade_state(self, state: dict) -> dict:
         """A checkpoint's model state from an earlier version of the algorithm, in this version's keys."""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.algorithms.base import Algorithm, accuracy
-from metarun.algorithms.padded import is_padded, mask_classes, masked_mean, per_task_features, task_losses
+from metarun.algorithms.padded import is_padded, mask_classes, masked_mean, per_task_features
 from metarun.algorithms.task_batching import fold_features
 from metarun.data.episodes import Batch, Episode
 from metarun.errors import ConfigError
@@ -140,13 +140,10 @@ class Finetune(Algorithm):
                 opt.step()
         return weight.detach(), None if bias is None else bias.detach()
 
-    def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+    def predict_logits(self, episode: Episode, bn_mode: str) -> torch.Tensor:
         check_bn_mode(bn_mode)
         with torch.no_grad():
             zs, zq = self.features(episode, bn_mode)
         weight, bias = self.fit_heads(zs, episode.support_y, episode.ways, episode)
         with torch.no_grad():
-            logits = head_logits(zq, weight, bias, self.head_kind, self.cosine_scale)
-            if is_padded(episode):
-                return task_losses(mask_classes(logits, episode.class_mask), episode.query_y, episode.query_mask)[1]
-            return accuracy(logits, episode.query_y)
+            return head_logits(zq, weight, bias, self.head_kind, self.cosine_scale)

@@ -157,9 +157,9 @@ class InContext(Algorithm):
         return loss, {"loss": loss.detach(), "acc": accuracy(logits, batch.query_y).mean().detach()}
 
     @torch.no_grad()
-    def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+    def predict_logits(self, episode: Episode, bn_mode: str) -> torch.Tensor:
         check_bn_mode(bn_mode)
         self.check_ways(episode.ways)
         zs, zq = episode_features(self.backbone, episode.support_x, episode.query_x, bn_mode, self.frozen)
         ids = torch.arange(episode.ways, device=zs.device).expand(episode.num_tasks, -1)
-        return accuracy(self.logits(zs, episode.support_y, zq, ids), episode.query_y)
+        return self.logits(zs, episode.support_y, zq, ids)

@@ -181,6 +181,10 @@ class FunctionalLearner(Algorithm):
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return task_loss(out, y, self.regression)
 
+    def evaluate(self, episode, bn_mode: str) -> torch.Tensor:
+        """The query outputs' accuracy, or their MSE for a regression learner."""
+        return self.loss(self.predict_logits(episode, bn_mode), episode.query_y)[1]
+
     # -- the batched call every algorithm goes through -----------------------------------
     def run_tasks(self, fn: Callable, shared: tuple, batched: tuple, images_per_task: int, call_images: int | None = None):
         """``fn(*shared, stats, fixed, *task)`` for every task; running statistics are updated per task and averaged.

@@ -146,24 +146,24 @@ class MAML(FunctionalLearner):
         return (self.as_per_task(grads), loss, score), stats
 
     # -- the Algorithm interface ---------------------------------------------------------------
-    def task_score(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, yq, bn_mode: str, batches=None):
+    def task_outputs(self, meta_params: Params, fixed: Params, stats: Params, xs, ys, xq, bn_mode: str, batches=None):
         out = self.solve(meta_params, {**fixed, **stats}, xs, ys, xq, self.inner_steps_eval, bn_mode, True, batches)
-        return self.loss(out, yq)[1], stats
+        return out, stats
 
     def eval_batches(self, support_size: int, device: torch.device) -> torch.Tensor | None:
         """The support mini-batch of each evaluation inner step (``[steps, b]`` indices); None: the whole set."""
         return None
 
-    def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+    def predict_logits(self, episode: Episode, bn_mode: str) -> torch.Tensor:
         check_bn_mode(bn_mode)
         params = self.detached(self.meta_parameters())
         support = episode.support_x.shape[1]
         batches = self.eval_batches(support, episode.support_x.device)
         step_images = support if batches is None else batches.shape[1]
 
-        def fn(mp, fixed, stats, xs, ys, xq, yq):
-            return self.task_score(mp, fixed, stats, xs, ys, xq, yq, bn_mode, batches)
+        def fn(mp, fixed, stats, xs, ys, xq):
+            return self.task_outputs(mp, fixed, stats, xs, ys, xq, bn_mode, batches)
 
         with torch.no_grad():
-            tasks = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+            tasks = (episode.support_x, episode.support_y, episode.query_x)
             return self.run_tasks(fn, (params,), tasks, support + episode.query_x.shape[1], step_images)

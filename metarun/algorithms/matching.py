@@ -122,5 +122,5 @@ class MatchingNet(Algorithm):
         return loss, {"loss": loss.detach(), "acc": accuracy(logits, batch.query_y).mean().detach()}
 
     @torch.inference_mode()
-    def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
-        return accuracy(self.logits(episode, check_bn_mode(bn_mode)), episode.query_y)
+    def predict_logits(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+        return self.logits(episode, check_bn_mode(bn_mode))

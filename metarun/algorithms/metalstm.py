@@ -184,13 +184,13 @@ class MetaLSTM(FunctionalLearner):
         return (self.as_per_task(grads), loss, score), stats
 
     # -- the Algorithm interface (its meta-step is FunctionalLearner.training_loss) ---------------------
-    def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+    def predict_logits(self, episode: Episode, bn_mode: str) -> torch.Tensor:
         check_bn_mode(bn_mode)
         params = self.detached(self.meta_parameters())
 
-        def task_score(mp, fixed, stats, xs, ys, xq, yq):
-            return self.loss(self.unroll(mp, {**fixed, **stats}, xs, ys, xq, bn_mode, False), yq)[1], stats
+        def task_outputs(mp, fixed, stats, xs, ys, xq):
+            return self.unroll(mp, {**fixed, **stats}, xs, ys, xq, bn_mode, False), stats
 
         with torch.no_grad():
-            tasks = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
-            return self.run_tasks(task_score, (params,), tasks, episode.support_x.shape[1] + episode.query_x.shape[1])
+            tasks = (episode.support_x, episode.support_y, episode.query_x)
+            return self.run_tasks(task_outputs, (params,), tasks, episode.support_x.shape[1] + episode.query_x.shape[1])

@@ -123,6 +123,10 @@ class ProtoMAML(MAML):
         surrogate = surrogate_loss(tree_flatten(params)[0], [g / batch.num_tasks for g in sums])
         return surrogate, {"loss": torch.cat(losses).mean().detach(), self.metric_name: torch.cat(scores).mean().detach()}
 
+    def predict_logits(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+        with self.solving(episode.ways):
+            return super().predict_logits(episode, bn_mode)
+
     def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
         if is_padded(episode):
             return torch.cat([self.evaluate(episode.task(i), bn_mode) for i in range(episode.num_tasks)])

@@ -192,5 +192,7 @@ class RelationNet(Algorithm):
         return loss, {"loss": loss.detach(), "acc": accuracy(scores, batch.query_y).mean().detach()}
 
     @torch.inference_mode()
-    def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
-        return accuracy(self.scores(episode, check_bn_mode(bn_mode)), episode.query_y)
+    def predict_logits(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+        """The log of the relation scores, so that a softmax gives each class its share of the scores."""
+        scores = self.scores(episode, check_bn_mode(bn_mode))
+        return scores.to(torch.promote_types(scores.dtype, torch.float32)).clamp_min(1e-12).log()

@@ -172,10 +172,10 @@ class WeightGen(Finetune):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.query_y.flatten())
         return loss, {"loss": loss.detach(), "acc": accuracy(logits[..., :ways], batch.query_y).mean().detach()}
 
-    def evaluate(self, episode: Episode, bn_mode: str) -> torch.Tensor:
+    def predict_logits(self, episode: Episode, bn_mode: str) -> torch.Tensor:
         check_bn_mode(bn_mode)
         with torch.no_grad():
             zs, zq = self.features(episode, bn_mode)
             dtype = self.query.weight.dtype
             novel = self.generate(zs.to(dtype), episode.support_y, episode.ways)
-            return accuracy(self.cosine_logits(zq.to(dtype), novel), episode.query_y)
+            return self.cosine_logits(zq.to(dtype), novel)

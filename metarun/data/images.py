@@ -115,6 +115,15 @@ def _decode_into(
         raise failed.exception()  # type: ignore[misc]
 
 
+def decode_image(source: ImageSource, size: int, channels: int = 3, name: str | None = None) -> torch.Tensor:
+    """One file (or encoded bytes) as uint8 ``[channels, size, size]``, decoded as every dataset's images are;
+    an unreadable one is a one-line :class:`~metarun.errors.DataError` naming it (``name``, default the path)."""
+    if channels not in MODES:
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    label = name if name is not None else ("(bytes)" if isinstance(source, bytes) else str(source))
+    return torch.from_numpy(_decode_one(source, label, size, MODES[channels]).copy())  # Pillow's buffer is read-only
+
+
 def decode_images(
     sources: Sequence[ImageSource],
     size: int,
