@@ -15,7 +15,7 @@ from PIL import Image
 import metarun
 from metarun.algorithms.base import accuracy
 from metarun.checkpoint import load_checkpoint
-from metarun.config import compose
+from metarun.config import compose, config_dir
 from metarun.data.cross_domain import LUMA, convert_images
 from metarun.data.episodes import Episode, fixed_episodes
 from metarun.data.split import FewShotDataset, Split
@@ -294,7 +294,7 @@ def test_a_checkpoint_from_another_version_is_one_line_through_the_cli(runs, fol
 
 
 # -- every algorithm: evaluate scores predict_logits, and queries do not influence each other ------------------
-ALGORITHMS = ["protonet", "finetune", "maml", "fomaml", "metasgd", "anil", "reptile", "metalstm", "leo", "weightgen", "incontext"]
+ALGORITHMS = sorted(p.stem for p in (Path(config_dir()) / "algo").glob("*.yaml"))  # every algo= option
 #: fewer test-time steps than the defaults, which are sized for real runs
 FEWER_STEPS = {"reptile": ["algo.inner_steps_eval=3"], "finetune": ["algo.finetune_steps=5"]}
 
