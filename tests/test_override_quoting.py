@@ -19,6 +19,8 @@ PATH_KEYS = [
     ("train", "resume", []),
     ("eval", "checkpoint", []),
     ("eval", "eval.runs_path", ["checkpoint=x"]),
+    ("train", "backbone.weights", ["backbone=resnet18"]),
+    ("train", "algo.init_from", ["algo=weightgen"]),
 ]
 
 
