@@ -171,6 +171,35 @@ class Bench:
             precision=settings.precision,
         )
 
+    def add_rate(
+        self,
+        name: str,
+        metric: str,
+        shape: str,
+        *,
+        count: int,
+        fast: Timing,
+        slow: Timing,
+        reference: str,
+        settings: str,
+        gflop_per_s: float | None = None,
+    ) -> None:
+        """A row of ``count`` items (tasks, episodes, images) per second, of the fast path and of its reference."""
+        self.add(
+            make_row(
+                name=name,
+                metric=metric,
+                shape=shape,
+                value=count / fast.seconds,
+                reference=reference,
+                reference_value=count / slow.seconds,
+                fast=fast,
+                slow=slow,
+                settings=settings,
+                gflop_per_s=gflop_per_s,
+            )  # fmt: skip
+        )
+
     def add(self, row: Row) -> None:
         self.rows.append(row)
         note = f"  {row.gflop_per_s:.1f} GFLOP/s" if row.gflop_per_s else ""
@@ -220,19 +249,10 @@ class Bench:
         best = min((k for k in timing if k != "engine"), key=lambda k: timing[k].seconds)
         fast, slow = timing["engine"], timing[best]
         note = f"device={self.device.type}, {settings.precision}" + (", fused" if engine.fused else "")  # (where it applies)
-        self.add(
-            make_row(
-                name="sampler",
-                metric="episodes_per_s",
-                shape=shape.name,
-                value=t / fast.seconds,
-                reference=best,
-                reference_value=t / slow.seconds,
-                fast=fast,
-                slow=slow,
-                settings=note,
-            )  # fmt: skip
-        )
+        self.add_rate(
+            "sampler", "episodes_per_s", shape.name, count=t, fast=fast, slow=slow,
+            reference=best, settings=note,
+        )  # fmt: skip
         self.sample_seconds[shape.name] = (fast, note)
 
     def bench_metadataset_sampler(self, shape: Shape) -> None:
@@ -262,20 +282,11 @@ class Bench:
             min_seconds=self.min_seconds,
         )
         fast, slow = (replace(timing[k], seconds=timing[k].seconds / SAMPLER_ROUNDS) for k in ("engine", "one episode at a time"))
-        self.add(
-            make_row(
-                name="sampler",
-                metric="metadataset_episodes_per_s",
-                shape=f"{shape.name.split('-')[0]}-metadataset",
-                value=t / fast.seconds,
-                reference="one episode at a time",
-                reference_value=t / slow.seconds,
-                fast=fast,
-                slow=slow,
-                settings=f"device={self.device.type}, {settings.precision}, {t} episodes a call"
-                + (", fused" if engine.fused else ""),
-            )  # fmt: skip
-        )
+        self.add_rate(
+            "sampler", "metadataset_episodes_per_s", f"{shape.name.split('-')[0]}-metadataset", count=t, fast=fast, slow=slow,
+            reference="one episode at a time",
+            settings=f"device={self.device.type}, {settings.precision}, {t} episodes a call" + (", fused" if engine.fused else ""),
+        )  # fmt: skip
 
     def bench_sampler_share(self, shape: Shape) -> None:
         """Sampling a meta-batch as a fraction of the ProtoNet meta-step that consumes it (both timed above)."""
@@ -326,39 +337,20 @@ class Bench:
         timing = measure({"fast": fast, "reference": slow}, self.repeats, self.warmup, self.device, min_seconds=self.min_seconds)
         f, s = timing["fast"], timing["reference"]
         if name == "finetune":
-            self.add(
-                make_row(
-                    name=name,
-                    metric="images_per_s",
-                    shape=shape.name,
-                    value=images / f.seconds,
-                    reference="eager_fp32_step",
-                    reference_value=images / s.seconds,
-                    fast=f,
-                    slow=s,
-                    settings=settings.describe(),
-                )  # fmt: skip
-            )
+            self.add_rate(
+                name, "images_per_s", shape.name, count=images, fast=f, slow=s,
+                reference="eager_fp32_step", settings=settings.describe(),
+            )  # fmt: skip
             return
         gflops = None
         if name == "protonet":
             self.protonet_step[shape.name] = f
             gflops = flops(fast) / f.seconds / 1e9
         what = "per_task_loop" if name in GRADIENT_BASED else "eager_fp32_per_task"
-        self.add(
-            make_row(
-                name=name,
-                metric="tasks_per_s",
-                shape=shape.name,
-                value=t / f.seconds,
-                reference=what,
-                reference_value=t / s.seconds,
-                fast=f,
-                slow=s,
-                settings=settings.describe(),
-                gflop_per_s=gflops,
-            )  # fmt: skip
-        )
+        self.add_rate(
+            name, "tasks_per_s", shape.name, count=t, fast=f, slow=s,
+            reference=what, settings=settings.describe(), gflop_per_s=gflops,
+        )  # fmt: skip
 
     # -- any other algorithm: its batched call against its own code one task at a time -------------
     def bench_per_task(self, name: str, shape: Shape, settings: Settings, batch_tasks: int) -> None:
@@ -391,19 +383,10 @@ class Bench:
             min_seconds=self.min_seconds,
         )  # fmt: skip
         f, s = timing["fast"], timing["reference"]
-        self.add(
-            make_row(
-                name=name,
-                metric="tasks_per_s",
-                shape=shape.name,
-                value=t / f.seconds,
-                reference="same_code_per_task",
-                reference_value=t / s.seconds,
-                fast=f,
-                slow=s,
-                settings=settings.describe(),
-            )  # fmt: skip
-        )
+        self.add_rate(
+            name, "tasks_per_s", shape.name, count=t, fast=f, slow=s,
+            reference="same_code_per_task", settings=settings.describe(),
+        )  # fmt: skip
         bn_mode = resolve_bn_mode(algorithm, None)
         sampler = self.sampler(shape, "test", settings, queries=15)
         n = self.eval_episodes
@@ -420,19 +403,10 @@ class Bench:
             self.min_seconds,
         )  # fmt: skip
         f, s = timing["fast"], timing["reference"]
-        self.add(
-            make_row(
-                name=name,
-                metric="eval_episodes_per_s",
-                shape=shape.name,
-                value=n / f.seconds,
-                reference="same_code_one_episode",
-                reference_value=n / s.seconds,
-                fast=f,
-                slow=s,
-                settings=f"{settings.describe()}, batch_tasks={batch_tasks}",
-            )  # fmt: skip
-        )
+        self.add_rate(
+            name, "eval_episodes_per_s", shape.name, count=n, fast=f, slow=s,
+            reference="same_code_one_episode", settings=f"{settings.describe()}, batch_tasks={batch_tasks}",
+        )  # fmt: skip
 
     def reference(self, name: str, algorithm, lr: float):
         kind = {"protonet": ref.ProtoNetReference, "reptile": ref.ReptileReference, "finetune": ref.FinetuneReference}
@@ -471,20 +445,10 @@ class Bench:
         gflops = None
         if name == "protonet":
             gflops = flops(fast) / f.seconds / 1e9
-        self.add(
-            make_row(
-                name=name,
-                metric="eval_episodes_per_s",
-                shape=shape.name,
-                value=n / f.seconds,
-                reference="one_episode_loop",
-                reference_value=n / s.seconds,
-                fast=f,
-                slow=s,
-                settings=f"{settings.describe()}, batch_tasks={batch_tasks}",
-                gflop_per_s=gflops,
-            )  # fmt: skip
-        )
+        self.add_rate(
+            name, "eval_episodes_per_s", shape.name, count=n, fast=f, slow=s,
+            reference="one_episode_loop", settings=f"{settings.describe()}, batch_tasks={batch_tasks}", gflop_per_s=gflops,
+        )  # fmt: skip
 
 
 # -- reporting ----------------------------------------------------------------------------------
