@@ -41,10 +41,13 @@ from metarun.models.norm import check_bn_mode
 from metarun.schema import at_least
 
 
-def attention_logits(query: torch.Tensor, support: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+def attention_logits(
+    query: torch.Tensor, support: torch.Tensor, labels: torch.Tensor, ways: int, scale: float = 1.0
+) -> torch.Tensor:
     """``[tasks, q, d]`` and ``[tasks, n, d]`` embeddings -> ``[tasks, q, ways]`` logits whose softmax is the
-    cosine-attention mixture of the support labels: per class, the log-sum-exp of its support similarities."""
-    cosine = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2)  # [t, q, n]
+    cosine-attention mixture of the support labels: per class, the log-sum-exp of its support similarities
+    (times ``scale``, the attention softmax's inverse temperature)."""
+    cosine = scale * F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2)  # [t, q, n]
     member = F.one_hot(labels, ways).bool()[:, None]  # [t, 1, n, ways]
     return cosine[..., None].masked_fill(~member, float("-inf")).logsumexp(2)
 
@@ -83,6 +86,10 @@ class MatchingConfig:
     fce: bool = False
     #: read steps K of the queries' attention LSTM (with fce)
     fce_steps: int = at_least(1, 5)
+    #: inverse temperature of the attention softmax over cosine similarities. The paper's is 1: with cosines in
+    #: [-1, 1] a 20-way softmax can put at most 28% on one class, its gradients fade and Omniglot-small
+    #: training stalled (README); 10 is the cosine scale Baseline++ (algo=finetune head=cosine) uses
+    scale: float = at_least(0.0, 10.0)
 
 
 class MatchingNet(Algorithm):
@@ -91,9 +98,16 @@ class MatchingNet(Algorithm):
     default_bn_mode = "running"  # an ordinary network at test time, and no query sees another (with or without fce)
 
     def __init__(
-        self, backbone: nn.Module, ways: int, fce: bool = False, fce_steps: int = 5, task_kind: str = "classification"
+        self,
+        backbone: nn.Module,
+        ways: int,
+        fce: bool = False,
+        fce_steps: int = 5,
+        scale: float = 10.0,
+        task_kind: str = "classification",
     ) -> None:
         super().__init__(backbone, ways)
+        self.scale = scale
         if task_kind != "classification":
             raise ConfigError("algo=matching classifies by attention over the support labels: it needs a classification dataset")
         if fce_steps < 1:
@@ -114,7 +128,7 @@ class MatchingNet(Algorithm):
             if self.context is not None:
                 g = self.context.support(g)
                 f = self.context.query(f, g)
-            return attention_logits(f, g, episode.support_y, episode.ways)
+            return attention_logits(f, g, episode.support_y, episode.ways, self.scale)
 
     def training_loss(self, batch: Episode):
         logits = self.logits(batch, "transductive")  # batch statistics: support and query each their own

@@ -33,7 +33,7 @@ def random_episode(tasks=3, ways=4, shots=2, queries=3, dtype=torch.float64) -> 
 
 def model(fce: bool, steps: int = 3) -> MatchingNet:
     torch.manual_seed(0)
-    return MatchingNet(Conv4((1, 28, 28), hidden=8), ways=4, fce=fce, fce_steps=steps).double()
+    return MatchingNet(Conv4((1, 28, 28), hidden=8), ways=4, fce=fce, fce_steps=steps, scale=3.0).double()
 
 
 # -- the reference: one task at a time, the paper's equations written out ------------------------------
@@ -71,7 +71,7 @@ def reference_fce(net: MatchingNet, g: torch.Tensor, f: torch.Tensor) -> tuple[t
 
 
 def reference_probabilities(net: MatchingNet, ep: Episode, task: int, training: bool) -> torch.Tensor:
-    """``[q, ways]``: attention over the support set, softmax of cosines, one-hot labels summed."""
+    """``[q, ways]``: attention over the support set, softmax of scaled cosines, one-hot labels summed."""
     backbone = net.backbone
     backbone.train(training)
     if training:  # batch statistics: the support set and the queries each their own
@@ -84,7 +84,7 @@ def reference_probabilities(net: MatchingNet, ep: Episode, task: int, training: 
     probs = []
     for x in f:
         cos = torch.stack([torch.dot(x, gi) / (x.norm() * gi.norm()) for gi in g])
-        a = torch.softmax(cos, 0)
+        a = torch.softmax(net.scale * cos, 0)
         probs.append(sum(a[i] * F.one_hot(ep.support_y[task, i], ep.ways).to(a.dtype) for i in range(len(g))))
     return torch.stack(probs)
 
