@@ -280,6 +280,9 @@ class TrainerConfig:
     #: auto | true | false: gather and normalise episodes in one compiled pass where the data live on a CPU,
     #: unaugmented (+3 s at start); auto: on a CPU for runs of 1000 steps or more
     fused_sampling: Any = choice("auto", True, False)
+    #: auto | true | false: with a fixed backbone (backbone.freeze=all, algo.freeze_backbone=true), put each image
+    #: through it once and sample episodes of its features; auto: wherever the run allows (metarun/data/features.py)
+    frozen_features: Any = choice("auto", True, False)
     #: stop | skip: what a NaN or infinite loss does (stop: the run ends, its last good checkpoint kept)
     nan_policy: str = choice("stop", "skip")
     #: how many step-numbered checkpoints to keep besides best.pt and last.pt (0: none)

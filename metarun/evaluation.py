@@ -307,7 +307,7 @@ def run_evaluation(
     model's input shape and normalised with the checkpoint's statistics (:mod:`metarun.data.cross_domain`), and
     the results go to ``eval_on_<dataset>.json``."""
     from metarun.checkpoint import load_checkpoint, load_model_state
-    from metarun.factory import build_algorithm, build_dataset, build_sampler
+    from metarun.factory import build_algorithm, build_dataset, build_sampler, with_frozen_features
 
     check_values(eval_cfg, EvalConfig, "eval.")
     ckpt = load_checkpoint(checkpoint)
@@ -323,6 +323,8 @@ def run_evaluation(
         dataset = dataset if dataset is not None else build_dataset(cfg.dataset)
         algorithm = algorithm if given else build_algorithm(cfg, dataset).to(device)
         trained_on = dataset.name
+    if not given and eval_cfg.protocol == "episodes":  # features of a fixed backbone, computed after the weights load
+        dataset = with_frozen_features(cfg, dataset, algorithm, device)
     # a run trained on Meta-Dataset episodes is tested on them (a run saved before task.protocol existed is fixed)
     task_protocol = (cfg.get("task") or {}).get("protocol", "fixed")
     check_settings(dataset, eval_cfg, algorithm, protocol=task_protocol)

@@ -14,11 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun.algorithms.base import Algorithm
 from metarun.data.episodes import EpisodeSampler
+from metarun.data.features import FeatureDataset, FeatureSampler
 from metarun.data.metadataset import PROTOCOLS, MetaDatasetSampler
 from metarun.data.multi import MultiSourceDataset
 from metarun.data.split import FewShotDataset
 from metarun.device import input_dtype
 from metarun.errors import ConfigError
+from metarun.models.freeze import FeatureInput, is_fixed
 from metarun.models.pretrained import IMAGENET_SUBSETS
 from metarun.progress import console
 
@@ -73,6 +75,11 @@ def build_sampler(
     images in the dtype the run's ``precision`` (autocast) computes its first layer in. ``protocol``: ``fixed``
     (``ways``, ``shots``, ``queries``) or ``metadataset`` (:class:`~metarun.data.metadataset.MetaDatasetSampler`,
     which ignores them)."""
+    if isinstance(dataset, FeatureDataset):  # a fixed backbone's features, computed once in this precision
+        return FeatureSampler(
+            lambda: dataset.features(split, precision), dataset.splits[split], ways, shots, queries, seed=seed,
+            device=device, split_name=split,
+        )  # fmt: skip
     if isinstance(dataset, MultiSourceDataset):  # one engine sampler per source, each with this run's options
         engine = dict(augment=augment, channels_last=channels_last, data_device=data_device, fused=fused, precision=precision)
         return dataset.sampler(
@@ -102,6 +109,43 @@ def build_sampler(
     if protocol != "fixed":
         raise ConfigError(f"task.protocol={protocol}: valid protocols are {', '.join(PROTOCOLS)}")
     return EpisodeSampler(dataset.splits[split], ways, shots, queries, dataset.mean, dataset.std, **options)
+
+
+def frozen_features_reason(cfg: DictConfig, dataset: FewShotDataset, algorithm: Algorithm) -> str | None:
+    """Why episodes of this run cannot be drawn from features computed once (:mod:`metarun.data.features`);
+    None when they can: a fixed backbone (:func:`~metarun.models.freeze.is_fixed`) that the algorithm only asks
+    for each image's features, on unaugmented images of one dataset in fixed-size episodes."""
+    name = cfg.algo._target_.rsplit(".", 1)[-1].lower()
+    if not algorithm.reads_backbone_features:
+        return f"algo={name} adapts its backbone or looks inside it"
+    if not is_fixed(algorithm.backbone):
+        return "the backbone trains (backbone.freeze=all, or algo.freeze_backbone=true where the algorithm has it, fixes it)"
+    if cfg.dataset.get("augment", False):
+        return "dataset.augment=true changes the images every episode"
+    if cfg.task.get("protocol", "fixed") != "fixed":
+        return f"task.protocol={cfg.task.protocol} episodes are padded images"
+    if isinstance(dataset, MultiSourceDataset) or hasattr(dataset, "sampler"):
+        return f"dataset={dataset.name} is not one split of images"
+    if cfg.get("eval", {}).get("protocol", "episodes") != "episodes":
+        return f"eval.protocol={cfg.eval.protocol} reads image files"
+    return None
+
+
+def with_frozen_features(cfg: DictConfig, dataset: FewShotDataset, algorithm: Algorithm, device: torch.device) -> FewShotDataset:
+    """``trainer.frozen_features`` (``auto``: wherever :func:`frozen_features_reason` allows; ``true``: refused
+    with the reason where it does not): the dataset to sample from, with ``algorithm``'s backbone replaced in place
+    by its :class:`~metarun.models.freeze.FeatureInput` when episodes are drawn from features."""
+    wanted = str(cfg.get("trainer", {}).get("frozen_features", "auto")).lower()
+    if wanted == "false" or isinstance(dataset, FeatureDataset):
+        return dataset
+    reason = frozen_features_reason(cfg, dataset, algorithm)
+    if reason is not None:
+        if wanted == "true":
+            raise ConfigError(f"trainer.frozen_features=true: {reason}; set trainer.frozen_features=auto or false")
+        return dataset
+    backbone = algorithm.backbone
+    algorithm.backbone = FeatureInput(backbone)
+    return FeatureDataset(dataset, backbone, device)
 
 
 def input_shape(dataset: FewShotDataset) -> tuple[int, ...]:

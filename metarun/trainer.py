@@ -37,6 +37,7 @@ from metarun.checkpoint import (
 )
 from metarun.config import TrainConfig, algorithm_class, algorithm_schemas, check_values
 from metarun.data.episodes import EpisodeSampler, check_episode
+from metarun.data.features import FeatureDataset
 from metarun.data.split import FewShotDataset
 from metarun.device import autocast, compile_step, refuse_compile, resolve_device
 from metarun.distributed import (
@@ -52,7 +53,15 @@ from metarun.distributed import (
 )
 from metarun.errors import ConfigError, MetarunError
 from metarun.evaluation import check_settings, eval_precision, resolve_bn_mode, run_evaluation, score_episodes
-from metarun.factory import build_algorithm, build_dataset, build_optimizer, build_sampler, build_scheduler, data_device
+from metarun.factory import (
+    build_algorithm,
+    build_dataset,
+    build_optimizer,
+    build_sampler,
+    build_scheduler,
+    data_device,
+    with_frozen_features,
+)
 from metarun.interrupt import StopRequest
 from metarun.loggers import build_logger
 from metarun.progress import console
@@ -345,6 +354,7 @@ def setup_run(
         check_settings(dataset, cfg.eval, algorithm, protocol=protocol)
     if tr.channels_last:
         algorithm = algorithm.to(memory_format=torch.channels_last)
+    dataset = with_frozen_features(cfg, dataset, algorithm, device)
     step = build_step(cfg, dataset, algorithm, topo=topo, where=where)
     val_precision = eval_precision(cfg.eval, tr)
     val_sampler = build_sampler(
@@ -376,6 +386,12 @@ def setup_run(
             f"{topo.world} process(es), eval.bn_mode={run.bn_mode}, {speed_line(tr, typed)})",
             soft_wrap=True,
         )
+        if isinstance(dataset, FeatureDataset):
+            console.print(
+                "the backbone is fixed: each split's images go through it once and episodes are drawn from their "
+                "features (trainer.frozen_features=false runs it on every episode instead)",
+                soft_wrap=True, markup=False, highlight=False,
+            )  # fmt: skip
     return run
 
 

@@ -41,6 +41,7 @@ class ANILConfig(MAMLConfig):
 
 
 class ANIL(MAML):
+    reads_backbone_features = True
     channels_last_pays = True  # its convolutions are shared by all tasks of a call
     Config = ANILConfig
     default_bn_mode = "transductive"  # as MAML, whose code the paper uses

@@ -31,6 +31,9 @@ class Algorithm(nn.Module):
     #: whether NHWC pays on a CPU (``trainer.channels_last=auto``): convolutions shared by all tasks of a call do,
     #: per-task grouped ones ran slower in it
     channels_last_pays: bool = False
+    #: whether it uses its backbone only as each image's features ``backbone(x)`` (never adapting it or reaching into
+    #: its layers), so that a fixed backbone's features can be computed once per split (``trainer.frozen_features``)
+    reads_backbone_features: bool = False
     #: the schema of ``algo.*`` (a dataclass declared in the algorithm's module; :func:`metarun.config.algorithm_schemas`)
     Config: type | None = None
 

@@ -60,6 +60,7 @@ class FinetuneConfig:
 
 
 class Finetune(Algorithm):
+    reads_backbone_features = True
     channels_last_pays = True  # its convolutions are shared by all tasks of a call
     Config = FinetuneConfig
     default_bn_mode = "running"  # the backbone is an ordinary network, evaluated in eval mode

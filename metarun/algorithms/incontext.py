@@ -72,6 +72,7 @@ def attention_mask(support: int, query: int, device: torch.device | None = None)
 
 
 class InContext(Algorithm):
+    reads_backbone_features = True
     Config = InContextConfig
     default_bn_mode = "running"  # as ProtoNet: the backbone is an ordinary network, evaluated in eval mode
     fixed_ways = False  # any number of ways up to max_ways

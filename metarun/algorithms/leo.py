@@ -115,6 +115,7 @@ def support_loss(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> tor
 
 
 class LEO(Algorithm):
+    reads_backbone_features = True
     Config = LEOConfig
     default_bn_mode = "running"  # the paper's features come from a network evaluated in eval mode
     fixed_ways = False  # codes are per class: any number of ways

@@ -93,6 +93,7 @@ class MatchingConfig:
 
 
 class MatchingNet(Algorithm):
+    reads_backbone_features = True
     Config = MatchingConfig
     channels_last_pays = True  # its convolutions are shared by all tasks of a call
     default_bn_mode = "running"  # an ordinary network at test time, and no query sees another (with or without fce)

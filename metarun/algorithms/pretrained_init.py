@@ -5,7 +5,9 @@ pre-trained cosine classifier, a sequence model on pre-trained features) start
 from the backbone of any earlier metarun run: its ``backbone.*`` weights and
 running statistics are copied in the algorithm's constructor, so the trainer
 needs no change, and ``algo.freeze_backbone=true`` then keeps them fixed
-(no gradients, batch norm on the loaded running statistics). The loaded
+(no gradients, batch norm on the loaded running statistics, as ``backbone.freeze=all``
+does), which lets the run sample episodes of features computed once
+(``trainer.frozen_features``). The loaded
 weights are saved in the run's own checkpoints, so resuming or evaluating
 the run reads them from there; the constructor still needs ``init_from`` to
 exist when the run is rebuilt.
@@ -19,6 +21,7 @@ from torch import nn
 from metarun.algorithms.task_batching import fold_features
 from metarun.checkpoint import load_checkpoint
 from metarun.errors import CheckpointError, ConfigError
+from metarun.models.freeze import apply_freeze
 
 PREFIX = "backbone."
 
@@ -66,15 +69,15 @@ def prepare_backbone(backbone: nn.Module, algo: str, init_from: str | None, free
         )
     state = load_backbone_weights(backbone, init_from) if init_from else None
     if freeze:
-        backbone.requires_grad_(False)
+        apply_freeze(backbone, "all", algo)
     return state
 
 
 def episode_features(backbone: nn.Module, xs: torch.Tensor, xq: torch.Tensor, bn_mode: str, frozen: bool):
     """Features ``[tasks, n, d]`` of support and query, each task with its own statistics (:func:`fold_features`).
 
-    A frozen backbone runs without gradients and, in training, on its loaded running statistics (it is a
-    fixed feature extractor whose statistics must not drift); at evaluation ``bn_mode`` applies as to any model.
+    A frozen backbone runs without gradients, on its loaded running statistics (a fixed feature extractor,
+    as the two-stage papers use one, whose statistics must not drift); otherwise ``bn_mode`` applies.
     """
     if not frozen:
         return fold_features(backbone, xs, xq, bn_mode)

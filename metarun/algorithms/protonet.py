@@ -47,6 +47,7 @@ class ProtoNetConfig:
 
 
 class ProtoNet(Algorithm):
+    reads_backbone_features = True
     channels_last_pays = True  # its convolutions are shared by all tasks of a call
     Config = ProtoNetConfig
     default_bn_mode = "running"  # as in the paper's code: the model in eval mode at test time

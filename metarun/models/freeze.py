@@ -58,3 +58,30 @@ def apply_freeze(model: nn.Module, mode: str, name: str) -> None:
     if mode == "all":
         for p in model.parameters():
             p.requires_grad_(False)
+
+
+def is_fixed(backbone: nn.Module) -> bool:
+    """Whether nothing in ``backbone`` can change during a run: no weight trains and no batch norm follows an
+    episode's statistics (each image's features are then a function of that image alone)."""
+    if any(p.requires_grad for p in backbone.parameters()):
+        return False
+    return not any(isinstance(m, EpisodeBatchNorm) for m in backbone.modules())
+
+
+class FeatureInput(nn.Module):
+    """Stands in for a fixed backbone whose features were computed once (:mod:`metarun.data.features`): its
+    forward passes them through, and it shares the backbone's parameters, buffers and submodules (the same
+    objects, under the same names), so state dicts, checkpoints and ``.to()`` see the backbone itself."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        for key in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+            self.__dict__[key] = backbone.__dict__[key]
+        self.out_features = getattr(backbone, "out_features", None)
+        self.wrapped = type(backbone).__name__
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def extra_repr(self) -> str:
+        return f"features of a fixed {self.wrapped}, computed once"
