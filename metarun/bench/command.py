@@ -46,7 +46,7 @@ from metarun.data.split import FewShotDataset, Split
 from metarun.device import resolve_device
 from metarun.errors import MetarunError
 from metarun.evaluation import resolve_bn_mode, score_episodes
-from metarun.factory import build_algorithm, build_sampler
+from metarun.factory import build_algorithm, build_sampler, with_frozen_features
 from metarun.speed_settings import SpeedSettings as Settings
 from metarun.trainer import build_step, train_step
 
@@ -149,6 +149,7 @@ class Bench:
         self.rows: list[Row] = []
         self.protonet_step: dict[str, Timing] = {}
         self.sample_seconds: dict[str, tuple[Timing, str]] = {}  # and the sampler's settings
+        self.notes: list[str] = []
 
     def dataset(self, shape: Shape) -> FewShotDataset:
         key = (shape.image, shape.train_classes, shape.images_per_class)
@@ -450,6 +451,51 @@ class Bench:
             reference="one_episode_loop", settings=f"{settings.describe()}, batch_tasks={batch_tasks}", gflop_per_s=gflops,
         )  # fmt: skip
 
+    # -- the frozen-feature pipeline --------------------------------------------------------------
+    def bench_frozen_features(self, settings: Settings) -> None:
+        """Evaluation with a frozen ResNet-18 at 84x84 (ProtoNet on its features): episodes drawn from the test
+        split's features, computed once, against the backbone run on every episode; the pass itself is a note."""
+        shape = SHAPES["miniimagenet-5w1s15q"]
+        overrides = ["backbone=resnet18", "backbone.weights=none", "backbone.freeze=all", "backbone.image_size=84"]
+        cfg = compose("train", ["algo=protonet", *overrides, "trainer.steps=0", f"trainer.precision={settings.precision}"])
+        dataset = self.dataset(shape)
+        torch.manual_seed(0)
+        direct = build_algorithm(cfg, dataset).to(self.device)
+        cached = build_algorithm(cfg, dataset).to(self.device)
+        features = with_frozen_features(cfg, dataset, cached, self.device)
+        samplers = {
+            "fast": build_sampler(features, "test", ways=5, shots=1, queries=15, seed=0, device=self.device),
+            "reference": self.sampler(shape, "test", replace(settings, channels_last=False), queries=15),
+        }
+        models = {"fast": cached, "reference": direct}
+        n = min(self.eval_episodes, 4 * EVAL_BATCH_TASKS)  # per-episode ResNet-18 forwards take seconds an episode
+        bn_mode = resolve_bn_mode(direct, None)
+
+        def scorer(path: str) -> Callable[[], None]:
+            return lambda: score_episodes(
+                models[path], samplers[path], episodes=n, seed=1, batch_tasks=EVAL_BATCH_TASKS, bn_mode=bn_mode,
+                precision=settings.precision,
+            )  # fmt: skip
+
+        start = time.perf_counter()
+        split = features.features("test", settings.precision)  # what the first evaluation of a run pays once
+        seconds = time.perf_counter() - start
+        images = split.num_classes * split.images.shape[1]
+        timing = measure(
+            {"fast": scorer("fast"), "reference": scorer("reference")}, self.repeats, 1, self.device, None, self.min_seconds
+        )
+        f, s = timing["fast"], timing["reference"]
+        self.add_rate(
+            "frozen_features", "eval_episodes_per_s", f"{shape.name}-resnet18", count=n, fast=f, slow=s,
+            reference="backbone_every_episode", settings=f"{settings.describe()}, batch_tasks={EVAL_BATCH_TASKS}",
+        )  # fmt: skip
+        self.notes.append(
+            f"frozen ResNet-18 84x84: one pass over the {images}-image test split took {seconds:.1f} s "
+            f"({images / seconds:.0f} images/s); 600 episodes with a pass over a miniImageNet-sized test split "
+            f"(12000 images) first: {12000 / images * seconds + 600 * f.seconds / n:.0f} s, against "
+            f"{600 * s.seconds / n:.0f} s with the backbone on every episode"
+        )
+
 
 # -- reporting ----------------------------------------------------------------------------------
 def machine_info(device: torch.device) -> dict:
@@ -572,7 +618,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=("auto", "fp32", "bf16", "fp16"),
         help="the fast paths' trainer.precision (default: auto, what `metarun train` chooses on this device)",
     )
-    ap.add_argument("--only", default=None, help="comma-separated names to run (e.g. sampler,protonet)")
+    ap.add_argument("--only", default=None, help="comma-separated names to run (e.g. sampler,protonet,frozen_features)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per figure, at least (default: 3, quick: 2)")
     ap.add_argument(
         "--min-seconds",
@@ -636,8 +682,10 @@ def main(argv: list[str] | None = None) -> int:
     if "sampler" in wanted and "protonet" in wanted:
         for name in bench.protonet_step:
             bench.bench_sampler_share(shapes[name])
+    if only is not None and "frozen_features" in only or only is None and not quick:
+        bench.bench_frozen_features(default_settings("protonet", device, precision=args.precision))
 
-    notes = [f"total time {time.perf_counter() - t0:.0f} s; load average at the end {load_average()}"]
+    notes = [f"total time {time.perf_counter() - t0:.0f} s; load average at the end {load_average()}", *bench.notes]
     conv = build_algorithm(compose_run_config("protonet", OMNIGLOT), bench.dataset(OMNIGLOT))
     x = torch.randn(100, *OMNIGLOT.image)
     episode_flops = flops(lambda: conv.backbone(x).sum().backward())
