@@ -33,13 +33,15 @@ from pathlib import Path
 
 import psutil
 import torch
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from metarun.algorithms.base import Algorithm
 from metarun.allocator import keep_freed_memory
 from metarun.bench import references as ref
 from metarun.bench.shapes import ALGORITHMS, GRADIENT_BASED, OMNIGLOT, SHAPES, Shape, default_settings, target
-from metarun.bench.timing import MAX_ROUNDS, Timing, flops, measure
+from metarun.bench.timing import MAX_ROUNDS, SAMPLER_ROUNDS, Timing, flops, measure
 from metarun.config import EvalConfig, compose, config_dir
 from metarun.data.episodes import EpisodeSampler, fixed_episodes
 from metarun.data.split import FewShotDataset, Split
@@ -48,9 +50,8 @@ from metarun.errors import MetarunError
 from metarun.evaluation import resolve_bn_mode, score_episodes
 from metarun.factory import build_algorithm, build_sampler
 from metarun.speed_settings import SpeedSettings as Settings
-from metarun.trainer import build_step, train_step
+from metarun.trainer import Step, build_step, train_step
 
-SAMPLER_ROUNDS = 20  # meta-batches sampled per timed call
 EVAL_BATCH_TASKS = EvalConfig().batch_tasks  # episodes an evaluation call scores, as `metarun eval` does
 
 
@@ -90,6 +91,16 @@ def compose_run_config(algo: str, shape: Shape, settings: Settings | None = None
 
 
 @dataclass
+class Training:
+    """What :meth:`Bench.training` builds: the composed config, the algorithm, its trainer step, a reference."""
+
+    cfg: DictConfig
+    algorithm: Algorithm
+    step: Step
+    reference: object | None = None
+
+
+@dataclass
 class Row:
     name: str
     metric: str
@@ -119,9 +130,10 @@ def make_row(
     slow: Timing,
     settings: str,
     gflop_per_s: float | None = None,
+    has_target: bool = True,
 ) -> Row:
     ratio = value / reference_value
-    goal = target(name, metric, shape)
+    goal = target(name, metric, shape) if has_target else None
     met = None if goal is None else (ratio >= goal[1] if goal[0] == ">=" else ratio < goal[1])
     return Row(
         name, metric, value, reference, reference_value, ratio,
@@ -183,8 +195,10 @@ class Bench:
         reference: str,
         settings: str,
         gflop_per_s: float | None = None,
+        has_target: bool = True,
     ) -> None:
-        """A row of ``count`` items (tasks, episodes, images) per second, of the fast path and of its reference."""
+        """A row of ``count`` items (tasks, episodes, images) per second, of the fast path and of its reference
+        (``has_target=False``: a comparison without a target, such as a peer library's rows)."""
         self.add(
             make_row(
                 name=name,
@@ -197,6 +211,7 @@ class Bench:
                 slow=slow,
                 settings=settings,
                 gflop_per_s=gflop_per_s,
+                has_target=has_target,
             )  # fmt: skip
         )
 
@@ -306,17 +321,23 @@ class Bench:
         )
 
     # -- meta-training ---------------------------------------------------------------------------
-    def bench_train(self, name: str, shape: Shape, settings: Settings) -> None:
-        """The trainer's own :func:`~metarun.trainer.train_step` against the per-task reference's step."""
+    def training(self, name: str, shape: Shape, settings: Settings, with_reference: bool = False) -> Training:
+        """``metarun train algo=<name>``'s model and trainer step at ``shape`` with ``settings`` (and the per-task
+        reference on a plain copy of the same weights, taken before any memory-format change)."""
         cfg = compose_run_config(name, shape, settings)
         dataset = self.dataset(shape)
         torch.manual_seed(0)
         algorithm = build_algorithm(cfg, dataset).to(self.device)
-        reference = self.reference(name, algorithm, cfg.trainer.lr)
+        reference = self.reference(name, algorithm, cfg.trainer.lr) if with_reference else None
         if settings.channels_last:
             algorithm = algorithm.to(memory_format=torch.channels_last)
         algorithm.train()
-        step = build_step(cfg, dataset, algorithm)
+        return Training(cfg, algorithm, build_step(cfg, dataset, algorithm), reference)
+
+    def bench_train(self, name: str, shape: Shape, settings: Settings) -> None:
+        """The trainer's own :func:`~metarun.trainer.train_step` against the per-task reference's step."""
+        run = self.training(name, shape, settings, with_reference=True)
+        algorithm, step, reference = run.algorithm, run.step, run.reference
         plain = self.sampler(shape, "train", Settings())
         t = shape.meta_batch
 
