@@ -15,6 +15,9 @@ fp32), so the figures are what a user gets by typing the README's commands. Data
 the shapes of Omniglot and miniImageNet: speed does not depend on the pixels,
 and a fresh clone needs no download.
 
+``--peer learn2learn`` adds rows whose reference is a peer library's own code rather than plain code
+(:mod:`metarun.bench.peer_learn2learn`; ``--only peer`` for those alone): they have no target.
+
 Writes ``bench.json`` (machine, and one row per figure: value, reference,
 ratio, target, peak memory) and ``bench.md`` into ``--out``.
 """
@@ -593,7 +596,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=("auto", "fp32", "bf16", "fp16"),
         help="the fast paths' trainer.precision (default: auto, what `metarun train` chooses on this device)",
     )
-    ap.add_argument("--only", default=None, help="comma-separated names to run (e.g. sampler,protonet)")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated names to run (e.g. sampler,protonet); 'peer' names the --peer rows (--peer learn2learn --only peer: those alone)",
+    )
+    ap.add_argument(
+        "--peer",
+        default=None,
+        choices=("learn2learn",),
+        help="also time a peer library's own code against metarun's on the same shapes and Conv4: learn2learn's "
+        "TaskDataset, MAML clone/adapt (second and first order), ANIL and ProtoNet steps; run from the environment "
+        "`bash scripts/install_learn2learn.sh` builds (.venv-learn2learn/bin/metarun bench --peer learn2learn)",
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per figure, at least (default: 3, quick: 2)")
     ap.add_argument(
         "--min-seconds",
@@ -606,11 +621,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error(f"--repeats {args.repeats}: at least one round is timed")
     if args.min_seconds is not None and args.min_seconds < 0:
         ap.error(f"--min-seconds {args.min_seconds}: must be >= 0")
+    if args.only and "peer" in args.only.split(",") and not args.peer:
+        ap.error("--only peer: the peer rows need --peer learn2learn")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    peer = None
+    if args.peer:  # before anything is timed: without the peer there is nothing to compare
+        from metarun.bench.peer_learn2learn import import_learn2learn
+
+        peer = import_learn2learn()
     keep_freed_memory()  # as the CLI does: both the package and the references run with it
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -624,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     others = [n for n in algorithm_options() if n not in ALGORITHMS]  # measured against their own per-task calls
     wanted = [n for n in ("sampler", *ALGORITHMS, *others) if only is None or n in only]
     machine = machine_info(device)
+    if peer is not None:
+        machine["learn2learn"] = peer.__version__
     quick = args.quick
     repeats = args.repeats or (2 if quick else 3)
     min_seconds = args.min_seconds if args.min_seconds is not None else (1.0 if quick else 6.0)
@@ -657,8 +681,13 @@ def main(argv: list[str] | None = None) -> int:
     if "sampler" in wanted and "protonet" in wanted:
         for name in bench.protonet_step:
             bench.bench_sampler_share(shapes[name])
+    peer_notes = []
+    if peer is not None and (only is None or "peer" in only):
+        from metarun.bench.peer_learn2learn import bench_learn2learn
 
-    notes = [f"total time {time.perf_counter() - t0:.0f} s; load average at the end {load_average()}"]
+        peer_notes = bench_learn2learn(peer, bench, quick)
+
+    notes = [f"total time {time.perf_counter() - t0:.0f} s; load average at the end {load_average()}", *peer_notes]
     conv = build_algorithm(compose_run_config("protonet", OMNIGLOT), bench.dataset(OMNIGLOT))
     x = torch.randn(100, *OMNIGLOT.image)
     episode_flops = flops(lambda: conv.backbone(x).sum().backward())
