@@ -60,6 +60,8 @@ EOF
 #    and its setup.py, which cythonizes the .pyx files when 'build_ext' is on its command line,
 #    regenerates them with the Cython installed above. The wheel is installed without its
 #    requirements: they would pull torchvision, gym, qpth and gsutil, and through them another torch.
+#    Its setup.py packages its own test suite as a top-level `tests` package, which would shadow this
+#    checkout's tests/ (`from tests.conftest import ...`): it is left out of the wheel.
 if [ "${L2L_REBUILD:-0}" = 1 ] || ! l2l_built; then
   log "building learn2learn $L2L_VERSION from the sdist with its Cython extensions regenerated"
   rm -rf "$BUILD" && mkdir -p "$BUILD"
@@ -67,12 +69,20 @@ if [ "${L2L_REBUILD:-0}" = 1 ] || ! l2l_built; then
   tar xzf "$BUILD/learn2learn-$L2L_VERSION.tar.gz" -C "$BUILD"
   SRC="$BUILD/learn2learn-$L2L_VERSION"
   rm -f "$SRC"/learn2learn/data/{meta_dataset,task_dataset,transforms}.c
+  sed -i.orig 's/packages=find_packages(),/packages=find_packages(exclude=["tests", "tests.*"]),/' "$SRC/setup.py"
   (cd "$SRC" && "$PY" setup.py build_ext bdist_wheel -d "$BUILD/dist" >"$BUILD/build.log" 2>&1) || {
     tail -40 "$BUILD/build.log"
     exit 1
   }
   log "cythonized with Cython $("$PY" -c 'import Cython; print(Cython.__version__)')"
   "${PIP[@]}" install --no-deps --force-reinstall "$BUILD"/dist/learn2learn-"$L2L_VERSION"-*.whl
+fi
+
+# An environment built before the exclusion above holds learn2learn's `tests` package: removed.
+SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if grep -qs '^tests/__init__.py,' "$SITE"/learn2learn-*.dist-info/RECORD && [ -d "$SITE/tests" ]; then
+  log "removing learn2learn's own top-level tests package from $SITE (it shadows this checkout's tests/)"
+  rm -rf "$SITE/tests"
 fi
 
 # 5. `import learn2learn` imports learn2learn.vision, which imports torchvision's datasets and

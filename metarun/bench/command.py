@@ -15,6 +15,9 @@ fp32), so the figures are what a user gets by typing the README's commands. Data
 the shapes of Omniglot and miniImageNet: speed does not depend on the pixels,
 and a fresh clone needs no download.
 
+``--peer learn2learn`` adds rows whose reference is a peer library's own code rather than plain code
+(:mod:`metarun.bench.peer_learn2learn`; ``--only peer`` for those alone): they have no target.
+
 Writes ``bench.json`` (machine, and one row per figure: value, reference,
 ratio, target, peak memory) and ``bench.md`` into ``--out``.
 """
@@ -33,13 +36,15 @@ from pathlib import Path
 
 import psutil
 import torch
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from metarun.algorithms.base import Algorithm
 from metarun.allocator import keep_freed_memory
 from metarun.bench import references as ref
 from metarun.bench.shapes import ALGORITHMS, GRADIENT_BASED, OMNIGLOT, SHAPES, Shape, default_settings, target
-from metarun.bench.timing import MAX_ROUNDS, Timing, flops, measure
+from metarun.bench.timing import MAX_ROUNDS, SAMPLER_ROUNDS, Timing, flops, measure
 from metarun.config import EvalConfig, compose, config_dir
 from metarun.data.episodes import EpisodeSampler, fixed_episodes
 from metarun.data.split import FewShotDataset, Split
@@ -48,9 +53,8 @@ from metarun.errors import MetarunError
 from metarun.evaluation import resolve_bn_mode, score_episodes
 from metarun.factory import build_algorithm, build_sampler, with_frozen_features
 from metarun.speed_settings import SpeedSettings as Settings
-from metarun.trainer import build_step, train_step
+from metarun.trainer import Step, build_step, train_step
 
-SAMPLER_ROUNDS = 20  # meta-batches sampled per timed call
 EVAL_BATCH_TASKS = EvalConfig().batch_tasks  # episodes an evaluation call scores, as `metarun eval` does
 
 
@@ -90,6 +94,16 @@ def compose_run_config(algo: str, shape: Shape, settings: Settings | None = None
 
 
 @dataclass
+class Training:
+    """What :meth:`Bench.training` builds: the composed config, the algorithm, its trainer step, a reference."""
+
+    cfg: DictConfig
+    algorithm: Algorithm
+    step: Step
+    reference: object | None = None
+
+
+@dataclass
 class Row:
     name: str
     metric: str
@@ -119,9 +133,10 @@ def make_row(
     slow: Timing,
     settings: str,
     gflop_per_s: float | None = None,
+    has_target: bool = True,
 ) -> Row:
     ratio = value / reference_value
-    goal = target(name, metric, shape)
+    goal = target(name, metric, shape) if has_target else None
     met = None if goal is None else (ratio >= goal[1] if goal[0] == ">=" else ratio < goal[1])
     return Row(
         name, metric, value, reference, reference_value, ratio,
@@ -184,8 +199,10 @@ class Bench:
         reference: str,
         settings: str,
         gflop_per_s: float | None = None,
+        has_target: bool = True,
     ) -> None:
-        """A row of ``count`` items (tasks, episodes, images) per second, of the fast path and of its reference."""
+        """A row of ``count`` items (tasks, episodes, images) per second, of the fast path and of its reference
+        (``has_target=False``: a comparison without a target, such as a peer library's rows)."""
         self.add(
             make_row(
                 name=name,
@@ -198,6 +215,7 @@ class Bench:
                 slow=slow,
                 settings=settings,
                 gflop_per_s=gflop_per_s,
+                has_target=has_target,
             )  # fmt: skip
         )
 
@@ -307,17 +325,23 @@ class Bench:
         )
 
     # -- meta-training ---------------------------------------------------------------------------
-    def bench_train(self, name: str, shape: Shape, settings: Settings) -> None:
-        """The trainer's own :func:`~metarun.trainer.train_step` against the per-task reference's step."""
+    def training(self, name: str, shape: Shape, settings: Settings, with_reference: bool = False) -> Training:
+        """``metarun train algo=<name>``'s model and trainer step at ``shape`` with ``settings`` (and the per-task
+        reference on a plain copy of the same weights, taken before any memory-format change)."""
         cfg = compose_run_config(name, shape, settings)
         dataset = self.dataset(shape)
         torch.manual_seed(0)
         algorithm = build_algorithm(cfg, dataset).to(self.device)
-        reference = self.reference(name, algorithm, cfg.trainer.lr)
+        reference = self.reference(name, algorithm, cfg.trainer.lr) if with_reference else None
         if settings.channels_last:
             algorithm = algorithm.to(memory_format=torch.channels_last)
         algorithm.train()
-        step = build_step(cfg, dataset, algorithm)
+        return Training(cfg, algorithm, build_step(cfg, dataset, algorithm), reference)
+
+    def bench_train(self, name: str, shape: Shape, settings: Settings) -> None:
+        """The trainer's own :func:`~metarun.trainer.train_step` against the per-task reference's step."""
+        run = self.training(name, shape, settings, with_reference=True)
+        algorithm, step, reference = run.algorithm, run.step, run.reference
         plain = self.sampler(shape, "train", Settings())
         t = shape.meta_batch
 
@@ -618,7 +642,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=("auto", "fp32", "bf16", "fp16"),
         help="the fast paths' trainer.precision (default: auto, what `metarun train` chooses on this device)",
     )
-    ap.add_argument("--only", default=None, help="comma-separated names to run (e.g. sampler,protonet,frozen_features)")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated names to run (e.g. sampler,protonet,frozen_features); 'peer' names the --peer rows (--peer learn2learn --only peer: those alone)",
+    )
+    ap.add_argument(
+        "--peer",
+        default=None,
+        choices=("learn2learn",),
+        help="also time a peer library's own code against metarun's on the same shapes and Conv4: learn2learn's "
+        "TaskDataset, MAML clone/adapt (second and first order), ANIL and ProtoNet steps; run from the environment "
+        "`bash scripts/install_learn2learn.sh` builds (.venv-learn2learn/bin/metarun bench --peer learn2learn)",
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per figure, at least (default: 3, quick: 2)")
     ap.add_argument(
         "--min-seconds",
@@ -631,11 +667,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error(f"--repeats {args.repeats}: at least one round is timed")
     if args.min_seconds is not None and args.min_seconds < 0:
         ap.error(f"--min-seconds {args.min_seconds}: must be >= 0")
+    if args.only and "peer" in args.only.split(",") and not args.peer:
+        ap.error("--only peer: the peer rows need --peer learn2learn")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    peer = None
+    if args.peer:  # before anything is timed: without the peer there is nothing to compare
+        from metarun.bench.peer_learn2learn import import_learn2learn
+
+        peer = import_learn2learn()
     keep_freed_memory()  # as the CLI does: both the package and the references run with it
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -649,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     others = [n for n in algorithm_options() if n not in ALGORITHMS]  # measured against their own per-task calls
     wanted = [n for n in ("sampler", *ALGORITHMS, *others) if only is None or n in only]
     machine = machine_info(device)
+    if peer is not None:
+        machine["learn2learn"] = peer.__version__
     quick = args.quick
     repeats = args.repeats or (2 if quick else 3)
     min_seconds = args.min_seconds if args.min_seconds is not None else (1.0 if quick else 6.0)
@@ -684,8 +729,13 @@ def main(argv: list[str] | None = None) -> int:
             bench.bench_sampler_share(shapes[name])
     if only is not None and "frozen_features" in only or only is None and not quick:
         bench.bench_frozen_features(default_settings("protonet", device, precision=args.precision))
+    peer_notes = []
+    if peer is not None and (only is None or "peer" in only):
+        from metarun.bench.peer_learn2learn import bench_learn2learn
 
-    notes = [f"total time {time.perf_counter() - t0:.0f} s; load average at the end {load_average()}", *bench.notes]
+        peer_notes = bench_learn2learn(peer, bench, quick)
+
+    notes = [f"total time {time.perf_counter() - t0:.0f} s; load average at the end {load_average()}", *bench.notes, *peer_notes]
     conv = build_algorithm(compose_run_config("protonet", OMNIGLOT), bench.dataset(OMNIGLOT))
     x = torch.randn(100, *OMNIGLOT.image)
     episode_flops = flops(lambda: conv.backbone(x).sum().backward())

@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from metarun.device import synchronize
 
 MAX_ROUNDS = 25  # timed rounds per figure, at most
+SAMPLER_ROUNDS = 20  # meta-batches sampled per timed call of a sampler
 
 
 class PeakMemory:
