@@ -280,6 +280,9 @@ class TrainerConfig:
     #: auto | true | false: gather and normalise episodes in one compiled pass where the data live on a CPU,
     #: unaugmented (+3 s at start); auto: on a CPU for runs of 1000 steps or more
     fused_sampling: Any = choice("auto", True, False)
+    #: a run folder or checkpoint (.pt) of an earlier run whose backbone (and what the algorithm takes of it, e.g.
+    #: algo=weightgen's base classifier) starts this run; null: a fresh or published backbone
+    init_from: Optional[str] = None
     #: auto | true | false: with a fixed backbone (backbone.freeze=all, algo.freeze_backbone=true), put each image
     #: through it once and sample episodes of its features; auto: wherever the run allows (metarun/data/features.py)
     frozen_features: Any = choice("auto", True, False)

@@ -51,7 +51,7 @@ from metarun.distributed import (
     on_every_rank,
     shutdown,
 )
-from metarun.errors import ConfigError, MetarunError
+from metarun.errors import CheckpointError, ConfigError, MetarunError
 from metarun.evaluation import check_settings, eval_precision, resolve_bn_mode, run_evaluation, score_episodes
 from metarun.factory import (
     build_algorithm,
@@ -350,6 +350,8 @@ def setup_run(
     where = data_device(dataset, device, str(cfg.dataset.get("on_device", "auto")))
     cfg, tr = with_speed_settings(cfg, device, where)
     algorithm = build_algorithm(cfg, dataset).to(device)
+    if resume is None and tr.get("init_from"):  # a resumed run has the weights in its own checkpoint
+        start_from_run(algorithm, tr.init_from)
     if cfg.eval.after_train:
         check_settings(dataset, cfg.eval, algorithm, protocol=protocol)
     if tr.channels_last:
@@ -395,6 +397,15 @@ def setup_run(
     return run
 
 
+def start_from_run(algorithm: Algorithm, source: str) -> None:
+    """``trainer.init_from``: the algorithm takes what it needs of an earlier run's best checkpoint."""
+    try:
+        start = load_checkpoint(source)
+    except CheckpointError as e:
+        raise CheckpointError(f"trainer.init_from: {e}") from None
+    algorithm.start_from(start["model"], start["config"], str(source))
+
+
 def with_speed_settings(cfg: DictConfig, device: torch.device, where: torch.device) -> tuple[DictConfig, DictConfig]:
     """``cfg`` with every ``auto`` of ``trainer.precision``/``channels_last``/``fused_sampling`` resolved
     (:mod:`metarun.speed_settings`): the saved config, and so a resumed or re-evaluated run, keeps the values."""
@@ -427,6 +438,12 @@ def check_config(cfg: DictConfig) -> None:
         raise refuse_compile()
     if cfg.task.get("protocol", "fixed") == "metadataset":
         refuse_fixed_ways(cfg)
+    option = algorithm_class(cfg.algo).needs_pretrained(cfg.algo)
+    if option and not cfg.trainer.get("init_from") and str(cfg.backbone.get("weights", "none")).lower() == "none":
+        raise ConfigError(
+            f"{option} needs a pre-trained backbone: set trainer.init_from=RUN_OR_PT (a run of algo=finetune, say) "
+            "or pick a backbone with published weights"
+        )
 
 
 def refuse_fixed_ways(cfg: DictConfig) -> None:

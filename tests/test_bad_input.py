@@ -103,6 +103,14 @@ TRAIN_CASES = {
         2,
         ("torch.compile gets second-order meta-gradients wrong", "algo.first_order=true"),
     ),
+    "frozen backbone never trained": Case(
+        ["algo=leo", "algo.freeze_backbone=true"],
+        2,
+        ("algo.freeze_backbone=true needs a pre-trained backbone: set trainer.init_from=RUN_OR_PT",),
+    ),
+    "impossible transformer": Case(
+        ["algo=incontext", "algo.d_model=10", "algo.heads=4"], 2, ("d_model must be a positive multiple of heads",)
+    ),
     "negative steps": Case(["trainer.steps=-5"], 2, ("trainer.steps=-5: must be at least 0",)),
     "dataset too small": Case(["dataset.num_classes=20"], 2, ("num_classes=20 must exceed",)),
     # impossible episodes, for training and for evaluation, before any training work

@@ -20,7 +20,7 @@ PATH_KEYS = [
     ("eval", "checkpoint", []),
     ("eval", "eval.runs_path", ["checkpoint=x"]),
     ("train", "backbone.weights", ["backbone=resnet18"]),
-    ("train", "algo.init_from", ["algo=weightgen"]),
+    ("train", "trainer.init_from", ["algo=weightgen"]),
 ]
 
 

@@ -52,6 +52,20 @@ class Algorithm(nn.Module):
         self.backbone = backbone
         self.ways = ways
 
+    @classmethod
+    def needs_pretrained(cls, options) -> str | None:
+        """The ``algo.*`` option that makes these options need a pre-trained backbone (``trainer.init_from`` or
+        published weights), e.g. ``algo.freeze_backbone=true``; None when a fresh one will do. Asked while checking
+        the config."""
+        return "algo.freeze_backbone=true" if options.get("freeze_backbone", False) else None
+
+    def start_from(self, state: dict[str, torch.Tensor], config: dict, source: str) -> None:
+        """``trainer.init_from``: a fresh run starts from the model ``state`` of an earlier run (trained with
+        ``config``, read from ``source``): its backbone, checked against this one's."""
+        from metarun.algorithms.pretrained_init import load_backbone_weights
+
+        load_backbone_weights(self.backbone, state, config, source)
+
     def sample_batch(self, sampler: EpisodeSampler, num_tasks: int, shard: tuple[int, int] = (0, 1)) -> Episode | Batch:
         return sampler.sample(num_tasks, shard)
 

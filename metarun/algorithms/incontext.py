@@ -21,7 +21,7 @@ Labels: the model has ``max_ways`` label embeddings. Each
 training task maps its classes to a random subset of them, so every embedding
 is trained and any number of ways up to ``max_ways`` can be evaluated,
 whatever ``task.ways`` was in training; at evaluation class ``c`` uses
-embedding ``c``. The backbone trains jointly by default; ``algo.init_from`` and
+embedding ``c``. The backbone trains jointly by default; ``trainer.init_from`` and
 ``algo.freeze_backbone`` start from, or keep, a pre-trained one (CAML's frozen
 feature extractor).
 """
@@ -29,14 +29,13 @@ feature extractor).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metarun.algorithms.base import Algorithm, accuracy
-from metarun.algorithms.pretrained_init import episode_features, prepare_backbone
+from metarun.algorithms.pretrained_init import episode_features, fix_backbone
 from metarun.data.episodes import Episode
 from metarun.errors import ConfigError
 from metarun.models.norm import check_bn_mode
@@ -56,9 +55,7 @@ class InContextConfig:
     dropout: float = at_least(0.0, 0.0)
     #: label embeddings: the most ways an episode may have, in training or evaluation
     max_ways: int = at_least(1, 20)
-    #: a run folder or .pt whose backbone weights start this run (null: a fresh backbone)
-    init_from: Optional[str] = None
-    #: keep the (pre-trained) backbone fixed; needs init_from
+    #: keep the (pre-trained) backbone fixed; needs trainer.init_from (or published weights)
     freeze_backbone: bool = False
 
 
@@ -86,7 +83,6 @@ class InContext(Algorithm):
         heads: int = 4,
         dropout: float = 0.0,
         max_ways: int = 20,
-        init_from: str | None = None,
         freeze_backbone: bool = False,
         task_kind: str = "classification",
     ) -> None:
@@ -101,7 +97,8 @@ class InContext(Algorithm):
             raise ConfigError(f"algo.dropout={dropout}: must be in [0, 1)")
         if ways > max_ways:
             raise ConfigError(f"task.ways={ways} but algo.max_ways={max_ways}: raise algo.max_ways to at least {ways}")
-        prepare_backbone(backbone, "incontext", init_from, freeze_backbone)
+        if freeze_backbone:
+            fix_backbone(backbone, "incontext")
         self.frozen = freeze_backbone
         self.max_ways = max_ways
         label_dim = d_model // 2

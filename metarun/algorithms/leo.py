@@ -27,7 +27,7 @@ the per-task support losses is every task's own gradient), differentiated to
 second order with ``torch.autograd.grad(create_graph=True)``. The paper runs
 LEO on frozen pre-trained features (a WRN-28-10); here it takes the backbone's
 features and trains the backbone jointly, unless ``algo.freeze_backbone=true``
-with ``algo.init_from`` (e.g. a run of ``algo=finetune``). The paper's L2 penalty
+with ``trainer.init_from`` (e.g. a run of ``algo=finetune``). The paper's L2 penalty
 on all weights is ``trainer.weight_decay``; dropout (``algo.dropout``) is applied
 once to an episode's features rather than at every use of them.
 """
@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metarun.algorithms.base import Algorithm, accuracy
-from metarun.algorithms.pretrained_init import episode_features, prepare_backbone
+from metarun.algorithms.pretrained_init import episode_features, fix_backbone
 from metarun.algorithms.protonet import prototypes
 from metarun.data.episodes import Episode
 from metarun.errors import ConfigError
@@ -74,9 +74,7 @@ class LEOConfig:
     dropout: float = at_least(0.0, 0.3)
     #: second-order meta-gradient through the inner steps (false: the inner gradients are constants)
     second_order: bool = True
-    #: a run folder or .pt whose backbone weights start this run (null: a fresh backbone)
-    init_from: Optional[str] = None
-    #: keep the (pre-trained) backbone fixed, as the paper; needs init_from
+    #: keep the (pre-trained) backbone fixed, as the paper; needs trainer.init_from (or published weights)
     freeze_backbone: bool = False
 
 
@@ -134,7 +132,6 @@ class LEO(Algorithm):
         orthogonality_penalty: float = 0.001,
         dropout: float = 0.3,
         second_order: bool = True,
-        init_from: str | None = None,
         freeze_backbone: bool = False,
         task_kind: str = "classification",
     ) -> None:
@@ -145,7 +142,8 @@ class LEO(Algorithm):
             raise ConfigError(f"algo.latent={latent}, algo.inner_steps={inner_steps}, algo.finetune_steps={finetune_steps}")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"algo.dropout={dropout}: must be in [0, 1)")
-        prepare_backbone(backbone, "leo", init_from, freeze_backbone)
+        if freeze_backbone:
+            fix_backbone(backbone, "leo")
         self.frozen = freeze_backbone
         self.inner_steps, self.finetune_steps, self.second_order = inner_steps, finetune_steps, second_order
         self.kl_weight, self.encoder_penalty, self.orthogonality_penalty = kl_weight, encoder_penalty, orthogonality_penalty

@@ -23,15 +23,16 @@ base classes.
 Both stages run in one ``metarun train``: the first ``algo.pretrain_steps``
 steps pre-train, the rest train the generator (``trainer.steps`` counts both).
 That keeps one command, one run folder, one schedule and exact resume (the
-step count is a buffer of the model, saved in its checkpoints). Alternatively
-``algo.init_from=RUN`` starts from an earlier ``algo=finetune`` run (its
-backbone and its classifier become the base weights) and every step is stage 2.
+step count is a buffer of the model, saved in its checkpoints). Alternatively,
+``algo.pretrain_steps=0 trainer.init_from=RUN`` starts from an earlier
+``algo=finetune algo.head=cosine`` run (its backbone and its classifier become the
+base weights): every step is stage 2, on the fixed backbone's features computed
+once (``trainer.frozen_features``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ from torch import nn
 
 from metarun.algorithms.base import accuracy
 from metarun.algorithms.finetune import Finetune
-from metarun.algorithms.pretrained_init import episode_features, prepare_backbone
+from metarun.algorithms.pretrained_init import episode_features, fix_backbone
 from metarun.algorithms.protonet import prototypes
 from metarun.data.episodes import Batch, Episode
 from metarun.errors import CheckpointError
@@ -50,7 +51,8 @@ from metarun.schema import at_least
 @dataclass
 class WeightGenConfig:
     _target_: str = "metarun.algorithms.weightgen.WeightGen"
-    #: stage 1: steps of pre-training on mini-batches of all training classes (0 with init_from)
+    #: stage 1: steps of pre-training on mini-batches of all training classes (0: the backbone and base classifier
+    #: come from trainer.init_from, an algo=finetune algo.head=cosine run, and stay fixed)
     pretrain_steps: int = at_least(0, 1000)
     #: stage 1: images per step
     batch_size: int = at_least(1, 64)
@@ -58,8 +60,6 @@ class WeightGenConfig:
     cosine_scale: float = at_least(0.0, 10.0)
     #: where the learned attention scale gamma starts
     attention_scale: float = at_least(0.0, 10.0)
-    #: a run of algo=finetune whose backbone and classifier replace stage 1 (null: stage 1 in this run)
-    init_from: Optional[str] = None
 
 
 @dataclass
@@ -97,7 +97,6 @@ class WeightGen(Finetune):
         batch_size: int = 64,
         cosine_scale: float = 10.0,
         attention_scale: float = 10.0,
-        init_from: str | None = None,
         task_kind: str = "classification",
     ) -> None:
         super().__init__(
@@ -117,17 +116,25 @@ class WeightGen(Finetune):
         self.pretrain_steps = pretrain_steps
         #: training steps taken: stage 1 while below pretrain_steps (a buffer, so that a resumed run continues in its stage)
         self.register_buffer("steps_taken", torch.zeros((), dtype=torch.long))
-        if init_from:
-            state = prepare_backbone(backbone, "weightgen", init_from, True)
-            weight = state.get("classifier.weight")
-            if weight is None or weight.shape != self.classifier.weight.shape:
-                raise CheckpointError(
-                    f"algo.init_from={init_from}: no classifier over this dataset's {num_train_classes} training classes "
-                    "in it: give a run of algo=finetune (algo.head=cosine) on the same dataset"
-                )
-            with torch.no_grad():
-                self.classifier.weight.copy_(weight)
-            self.pretrain_steps = 0
+        if pretrain_steps == 0:  # the backbone comes from trainer.init_from and stays as it was trained
+            fix_backbone(backbone, "weightgen")
+
+    @classmethod
+    def needs_pretrained(cls, options) -> str | None:
+        return "algo.pretrain_steps=0" if options.get("pretrain_steps", 1000) == 0 else None
+
+    def start_from(self, state: dict[str, torch.Tensor], config: dict, source: str) -> None:
+        """The backbone and the cosine classifier of an ``algo=finetune algo.head=cosine`` run: its classifier's
+        weights are the base classes' weights."""
+        super().start_from(state, config, source)
+        weight = state.get("classifier.weight")
+        if weight is None or weight.shape != self.classifier.weight.shape:
+            raise CheckpointError(
+                f"trainer.init_from={source}: no classifier over this dataset's {self.classifier.out_features} training "
+                "classes in it: give a run of algo=finetune (algo.head=cosine) on the same dataset"
+            )
+        with torch.no_grad():
+            self.classifier.weight.copy_(weight)
 
     def in_stage_one(self) -> bool:
         return int(self.steps_taken) < self.pretrain_steps

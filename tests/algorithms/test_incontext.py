@@ -113,7 +113,7 @@ def test_training_draws_random_label_embeddings_and_trains_them_all():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"d_model": 10, "heads": 4}, {"dropout": 1.0}, {"max_ways": 3}, {"freeze_backbone": True}, {"task_kind": "regression"}],
+    [{"d_model": 10, "heads": 4}, {"dropout": 1.0}, {"max_ways": 3}, {"task_kind": "regression"}],
 )
 def test_bad_options_are_config_errors(kwargs):
     with pytest.raises(ConfigError):

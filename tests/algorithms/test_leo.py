@@ -143,7 +143,7 @@ def test_any_number_of_ways():
     assert model.evaluate(random_episode(ways=5), "running").shape == (3,)
 
 
-@pytest.mark.parametrize("kwargs", [{"dropout": 1.0}, {"freeze_backbone": True}, {"task_kind": "regression"}])
+@pytest.mark.parametrize("kwargs", [{"dropout": 1.0}, {"task_kind": "regression"}])
 def test_bad_options_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         LEO(Conv4((1, 12, 12), hidden=4, layers=2), WAYS, **kwargs)
@@ -175,7 +175,7 @@ def test_a_frozen_backbone_from_a_pre_trained_run_stays_as_loaded(tmp_path, comp
     run = tmp_path / "leo"
     train(
         compose_config(
-            "train", [*tiny, *LEO_TINY, f"algo.init_from={pre}", "algo.freeze_backbone=true", "eval.after_train=false"]
+            "train", [*tiny, *LEO_TINY, f"trainer.init_from={pre}", "algo.freeze_backbone=true", "eval.after_train=false"]
         ),
         run,
     )

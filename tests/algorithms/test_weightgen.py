@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -114,38 +115,47 @@ def test_train_and_evaluate_through_the_runner(tmp_path, compose_config, tiny):
     assert int(torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["model"]["steps_taken"]) == 6
 
 
-def test_init_from_a_finetune_run(tmp_path, compose_config, tiny):
+def test_init_from_a_finetune_run(tmp_path, compose_config, tiny, capsys):
     pre = tmp_path / "pre"
     finetune = ["algo=finetune", "algo.head=cosine", "algo.batch_size=16", "algo.finetune_steps=2", "eval.after_train=false"]
     train(compose_config("train", [*tiny, *finetune]), pre)
     loaded = torch.load(pre / "checkpoints" / "best.pt", weights_only=False)["model"]
     run = tmp_path / "wg"
-    train(compose_config("train", [*tiny, *WG_TINY, f"algo.init_from={pre}", "eval.after_train=false"]), run)
+    stage_two = [*tiny, *WG_TINY, f"trainer.init_from={pre}", "algo.pretrain_steps=0"]
+    train(compose_config("train", stage_two), run)
+    assert "episodes are drawn from their features" in capsys.readouterr().err  # the fixed backbone's, computed once
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(state[k], v) for k, v in loaded.items() if k.startswith("backbone."))  # never trained
     assert not torch.equal(state["classifier.weight"], loaded["classifier.weight"])  # trained from there in stage 2
+    # the run's own checkpoints hold what it took: evaluating it needs the earlier run no more
+    shutil.rmtree(pre)
+    out = run_cli("eval", f"checkpoint={run}", "eval.episodes=4")
+    assert out.returncode == 0, out.stderr
 
 
-def one_line_error(out) -> str:
+def one_line_error(out, code: int = 1) -> str:
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert out.returncode == code and len(lines) == 1, out.stderr
     return lines[0]
 
 
 def test_init_from_bad_paths_and_backbones_are_one_line(tmp_path, compose_config, tiny):
-    out = run_cli("train", *tiny, *WG_TINY, f"algo.init_from={tmp_path / 'nothing'}", f"hydra.run.dir={tmp_path / 'a'}")
-    assert "algo.init_from" in one_line_error(out) and "does not exist" in out.stderr
+    stage_two = [*tiny, *WG_TINY, "algo.pretrain_steps=0"]
+    out = run_cli("train", *stage_two, f"hydra.run.dir={tmp_path / 'z'}")
+    assert "algo.pretrain_steps=0 needs a pre-trained backbone: set trainer.init_from" in one_line_error(out, 2)
+    out = run_cli("train", *stage_two, f"trainer.init_from={tmp_path / 'nothing'}", f"hydra.run.dir={tmp_path / 'a'}")
+    assert "trainer.init_from" in one_line_error(out) and "does not exist" in out.stderr
     pre = tmp_path / "pre"
     train(
         compose_config("train", [*tiny, "algo=finetune", "algo.batch_size=16", "trainer.steps=1", "eval.after_train=false"]), pre
     )
-    out = run_cli("train", *tiny, *WG_TINY, "backbone.hidden=8", f"algo.init_from={pre}", f"hydra.run.dir={tmp_path / 'b'}")
+    out = run_cli("train", *stage_two, "backbone.hidden=8", f"trainer.init_from={pre}", f"hydra.run.dir={tmp_path / 'b'}")
     line = one_line_error(out)
     assert "hidden=16" in line and "shape mismatch" in line
     # a run without a classifier over the training classes (ProtoNet) cannot give the base weights
     proto = tmp_path / "proto"
     train(compose_config("train", [*tiny, "trainer.steps=1", "eval.after_train=false"]), proto)
-    out = run_cli("train", *tiny, *WG_TINY, f"algo.init_from={proto}", f"hydra.run.dir={tmp_path / 'c'}")
+    out = run_cli("train", *stage_two, f"trainer.init_from={proto}", f"hydra.run.dir={tmp_path / 'c'}")
     assert "algo=finetune" in one_line_error(out)
 
 
