@@ -111,3 +111,18 @@ def test_an_algorithm_on_a_dataset_gets_its_own_defaults_which_anything_explicit
     assert list(steps.values()) == [1500, 5000, 2000, 7, 60000]
     reptile = compose_config("train", ["algo=reptile", "dataset=omniglot"])
     assert (reptile.trainer.val_every, reptile.task.meta_batch, reptile.algo.inner_batch) == (1350, 16, 10)
+
+
+@pytest.mark.parametrize("algo", ["metalstm", "weightgen", "leo", "incontext"])
+def test_model_based_miniimagenet_presets(algo, compose_config):
+    cfg = compose_config("train", [f"experiment={algo}_miniimagenet_5w1s"])
+    assert cfg.dataset._target_.endswith("miniimagenet.load") and cfg.algo._target_.split(".")[-2] == algo
+    assert (cfg.task.ways, cfg.task.shots, cfg.task.queries) == (5, 1, 15)
+    assert [(s.ways, s.shots) for s in cfg.eval.settings] == [(5, 1)] and cfg.eval.episodes == 600
+    papers = {
+        "metalstm": lambda c: c.backbone.hidden == 32 and c.algo.inner_steps == 12 and c.trainer.grad_clip == 0.25,
+        "weightgen": lambda c: c.task.meta_batch == 8 and 0 < c.algo.pretrain_steps < c.trainer.steps,
+        "leo": lambda c: c.algo.latent == 64 and c.algo.freeze_backbone and c.task.meta_batch == 12,
+        "incontext": lambda c: c.algo.max_ways >= 5 and c.algo.d_model % c.algo.heads == 0,
+    }
+    assert papers[algo](cfg)
