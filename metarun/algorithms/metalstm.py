@@ -64,12 +64,25 @@ def preprocess(x: torch.Tensor, p: float = P) -> torch.Tensor:
     return torch.stack([magnitude, direction], -1)
 
 
-def lstm_cell(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
-    """``nn.LSTMCell``'s step on ``[..., in]`` inputs (any leading dims), functionally."""
-    gates = x @ weight_ih.T + bias_ih + h @ weight_hh.T + bias_hh
+def lstm_cell(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, shared=None):
+    """``nn.LSTMCell``'s step on ``[..., n, in]`` inputs (any leading dims), functionally. ``shared``: ``[..., 1, k]``
+    inputs every coordinate has in common (the loss), the last ``k`` of the cell's inputs: their share of the gates
+    is computed once, not ``n`` times."""
+    if shared is None:
+        gates = x @ weight_ih.T + (h @ weight_hh.T + (bias_ih + bias_hh))
+    else:
+        k = shared.shape[-1]
+        common = shared @ weight_ih[:, -k:].T + (bias_ih + bias_hh)  # [..., 1, 4 * hidden]
+        gates = x @ weight_ih[:, :-k].T + common + h @ weight_hh.T
     i, f, g, o = gates.chunk(4, -1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def gate(h: torch.Tensor, c: torch.Tensor, previous: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``σ(W [h, c, previous] + b)`` for every coordinate, without concatenating the three."""
+    hidden = h.shape[-1]
+    return torch.sigmoid((h @ weight[0, :hidden]) + c * weight[0, hidden] + previous * weight[0, hidden + 1] + bias[0])
 
 
 @dataclass
@@ -162,13 +175,13 @@ class MetaLSTM(FunctionalLearner):
             g, loss = take_grad(c)
             if not second_order:
                 g = g.detach()  # the paper's simplification: the learner's gradient is an input, not a function of c
-            x = torch.cat([preprocess(g), preprocess(loss.unsqueeze(-1).expand_as(c))], -1)  # [..., n, 4]
-            h, cell = lstm_cell(x, h, cell, lstm["weight_ih"], lstm["weight_hh"], lstm["bias_ih"], lstm["bias_hh"])
-            c_ = c.unsqueeze(-1)
-            f = torch.sigmoid(torch.cat([h, c_, f.unsqueeze(-1)], -1) @ gates["forget.weight"].T + gates["forget.bias"]).squeeze(
-                -1
+            # the inputs: each coordinate's preprocessed gradient, and the task's preprocessed loss that all share
+            shared = preprocess(loss.unsqueeze(-1))  # [..., 1, 2]
+            h, cell = lstm_cell(
+                preprocess(g), h, cell, lstm["weight_ih"], lstm["weight_hh"], lstm["bias_ih"], lstm["bias_hh"], shared=shared
             )
-            i = torch.sigmoid(torch.cat([h, c_, i.unsqueeze(-1)], -1) @ gates["input.weight"].T + gates["input.bias"]).squeeze(-1)
+            f = gate(h, c, f, gates["forget.weight"], gates["forget.bias"])
+            i = gate(h, c, i, gates["input.weight"], gates["input.bias"])
             c = f * c - i * g
         fast = self.unflatten(c)
         return self.head_forward(fast, self.embed_query(fast, buffers, xs, xq, bn_mode))
