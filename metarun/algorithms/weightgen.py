@@ -124,9 +124,12 @@ class WeightGen(Finetune):
         return "algo.pretrain_steps=0" if options.get("pretrain_steps", 1000) == 0 else None
 
     def start_from(self, state: dict[str, torch.Tensor], config: dict, source: str) -> None:
-        """The backbone and the cosine classifier of an ``algo=finetune algo.head=cosine`` run: its classifier's
-        weights are the base classes' weights."""
+        """Without stage 1 (``algo.pretrain_steps=0``): the backbone and the cosine classifier of an
+        ``algo=finetune algo.head=cosine`` run, whose classifier's weights are the base classes' weights. With it:
+        any earlier run's backbone, where stage 1 starts."""
         super().start_from(state, config, source)
+        if self.pretrain_steps:
+            return
         weight = state.get("classifier.weight")
         if weight is None or weight.shape != self.classifier.weight.shape:
             raise CheckpointError(
