@@ -318,10 +318,10 @@ def run_evaluation(
 
         model_data = trained_shape(cfg, ckpt, build_dataset)
         dataset = as_input_of(build_dataset(evaluated_on), model_data.image_shape, tuple(ckpt["mean"]), tuple(ckpt["std"]))
-        algorithm = build_algorithm(cfg, model_data).to(device)
+        algorithm = build_algorithm(cfg, model_data, pretrained_weights=False).to(device)  # the checkpoint has them
     else:
         dataset = dataset if dataset is not None else build_dataset(cfg.dataset)
-        algorithm = algorithm if given else build_algorithm(cfg, dataset).to(device)
+        algorithm = algorithm if given else build_algorithm(cfg, dataset, pretrained_weights=False).to(device)
         trained_on = dataset.name
     if not given and eval_cfg.protocol == "episodes":  # features of a fixed backbone, computed after the weights load
         dataset = with_frozen_features(cfg, dataset, algorithm, device)

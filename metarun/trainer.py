@@ -349,7 +349,8 @@ def setup_run(
         )
     where = data_device(dataset, device, str(cfg.dataset.get("on_device", "auto")))
     cfg, tr = with_speed_settings(cfg, device, where)
-    algorithm = build_algorithm(cfg, dataset).to(device)
+    # a resumed run's checkpoint holds the backbone: its published weight file is not read again
+    algorithm = build_algorithm(cfg, dataset, pretrained_weights=resume is None).to(device)
     if resume is None and tr.get("init_from"):  # a resumed run has the weights in its own checkpoint
         start_from_run(algorithm, tr.init_from)
     if cfg.eval.after_train:

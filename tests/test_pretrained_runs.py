@@ -135,3 +135,17 @@ def test_imagenet_weights_on_an_imagenet_subset_are_flagged_once(compose_config,
         assert extras["data_stats"] == (Stats.mean, Stats.std) and extras["load_weights"]
         lines = [ln for ln in capsys.readouterr().err.splitlines() if "ImageNet weights have seen its test classes" in ln]
         assert len(lines) == flagged and all(ln.startswith("note: ") for ln in lines), dataset
+
+
+def test_a_run_from_a_weight_file_is_resumed_and_evaluated_without_it(tmp_path, compose_config, tiny):
+    """The run's checkpoints hold the backbone: the file it started from is read once, when the run starts."""
+    weights = tmp_path / "resnet18.pth"
+    torch.save(ResNet18((3, 16, 16), image_size=16).state_dict(), weights)
+    overrides = pretrained_run(tiny, "backbone=resnet18", f"backbone.weights={weights}", "algo=anil", "backbone.image_size=16")
+    run = tmp_path / "run"
+    train(compose_config("train", overrides), run)
+    weights.unlink()
+    first = json.loads((run / "eval.json").read_text())["results"]
+    train(compose_config("train", [*overrides, f"resume={run}"]), tmp_path / "ignored")  # finished: it evaluates again
+    again = json.loads((run / "eval.json").read_text())["results"]
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in first]

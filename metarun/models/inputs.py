@@ -56,7 +56,9 @@ class InputAdapter(nn.Module):
             x = torch.addcmul(self.shift, x, self.scale)
         if tuple(x.shape[-2:]) != (self.size, self.size):
             shrink = x.shape[-2] > self.size or x.shape[-1] > self.size
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=shrink)
+            # antialiased shrinking has no bfloat16 kernel on a CPU (torch 2.13): resize in float (autocast rounds it next)
+            dtype = x.dtype if not shrink or x.device.type != "cpu" else torch.float32
+            x = F.interpolate(x.to(dtype), size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=shrink)
         return x
 
     def extra_repr(self) -> str:
