@@ -23,6 +23,7 @@ from metarun.algorithms.base import Algorithm
 from metarun.config import EvalConfig, check_values
 from metarun.data.episodes import Episode, check_episode, fixed_episodes
 from metarun.data.metadataset import EpisodeSpec, check_split
+from metarun.data.multi import MultiSourceDataset, per_source
 from metarun.data.split import FewShotDataset, Split
 from metarun.device import autocast
 from metarun.errors import ConfigError
@@ -86,8 +87,10 @@ def evaluate_settings(
     batch_tasks: int,
     bn_mode: str,
     precision: str = "fp32",
+    sources: Sequence[str] | None = None,
 ) -> list[dict]:
-    """Every ``{ways, shots}`` setting on its own seeded episodes."""
+    """Every ``{ways, shots}`` setting on its own seeded episodes; with the ``sources`` of a ``dataset=multi``, also
+    each source's share of them (``by_source``)."""
     results = []
     for s in settings:
         sampler = make_sampler(s["ways"], s["shots"], queries)
@@ -112,8 +115,18 @@ def evaluate_settings(
                 "ci95": ci,
                 "per_episode": scores.tolist(),
             }
+            | ({"by_source": by_source(scores, sources, algorithm.score)} if sources else {})
         )
     return results
+
+
+def by_source(scores: torch.Tensor, sources: Sequence[str], score: str) -> dict[str, dict]:
+    """A ``dataset=multi`` evaluation's scores of each source (its equal block of the episodes), with their CI."""
+    out = {}
+    for name, part in per_source(scores.tolist(), list(sources)).items():
+        mean, ci = mean_ci95(torch.tensor(part))
+        out[name] = {score: mean, "ci95": ci, "episodes": len(part)}
+    return out
 
 
 #: the ways buckets Meta-Dataset episodes are also scored by (lowest and highest ways of each)
@@ -212,6 +225,8 @@ def results_table(results: list[dict], title: str) -> Table:
             table.add_row(
                 f"{r['ways']}-way {r['shots']}-shot", f"{100 * r['accuracy']:.2f}%", f"{100 * r['ci95']:.2f}", str(r["episodes"])
             )
+            for name, part in r.get("by_source", {}).items():
+                table.add_row(f"  {name}", f"{100 * part['accuracy']:.2f}%", f"{100 * part['ci95']:.2f}", str(part["episodes"]))
         else:
             key = next(k for k in r if k not in ("ways", "shots", "queries", "episodes", "ci95", "per_episode"))
             table.add_row(f"{r['shots']}-shot", f"{r[key]:.4f} {key}", f"{r['ci95']:.4f}", str(r["episodes"]))
@@ -377,6 +392,7 @@ def run_evaluation(
             eval_cfg.batch_tasks,
             bn_mode,
             precision,
+            sources=list(dataset.sources) if isinstance(dataset, MultiSourceDataset) else None,
         )
         protocol = eval_cfg.protocol
     across = f" (trained on {trained_on}, evaluated on {dataset.name})" if evaluated_on is not None else ""

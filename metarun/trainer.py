@@ -38,6 +38,7 @@ from metarun.checkpoint import (
 from metarun.config import TrainConfig, algorithm_class, algorithm_schemas, check_values
 from metarun.data.episodes import EpisodeSampler, check_episode
 from metarun.data.features import FeatureDataset
+from metarun.data.multi import MultiSourceDataset
 from metarun.data.split import FewShotDataset
 from metarun.device import autocast, compile_step, refuse_compile, resolve_device
 from metarun.distributed import (
@@ -52,7 +53,7 @@ from metarun.distributed import (
     shutdown,
 )
 from metarun.errors import CheckpointError, ConfigError, MetarunError
-from metarun.evaluation import check_settings, eval_precision, resolve_bn_mode, run_evaluation, score_episodes
+from metarun.evaluation import by_source, check_settings, eval_precision, resolve_bn_mode, run_evaluation, score_episodes
 from metarun.factory import (
     build_algorithm,
     build_dataset,
@@ -491,7 +492,11 @@ def validate(run: Run, bar: TrainingProgress) -> None:
     val, ci = mean_ci95(scores)
     is_best = run.best is None or better(algorithm.score, val, run.best)
     run.best = val if is_best else run.best
-    run.logger.log(step, {f"val/{algorithm.score}": val, f"val/{algorithm.score}_ci95": ci, "val/best": run.best})
+    row = {f"val/{algorithm.score}": val, f"val/{algorithm.score}_ci95": ci, "val/best": run.best}
+    if isinstance(run.dataset, MultiSourceDataset):  # dataset=multi: each source's share of the episodes too
+        for name, part in by_source(scores, list(run.dataset.sources), algorithm.score).items():
+            row |= {f"val/{name}/{algorithm.score}": part[algorithm.score], f"val/{name}/{algorithm.score}_ci95": part["ci95"]}
+    run.logger.log(step, row)
     bar.validation(step, algorithm.score, val, run.best)
     if is_best:
         run.checkpoint("best.pt")

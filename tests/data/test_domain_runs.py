@@ -96,3 +96,18 @@ def _cpu():
     import torch
 
     return torch.device("cpu")
+
+
+def test_multi_scores_each_source_in_validation_and_evaluation(tmp_path, compose_config):
+    run = tmp_path / "run"
+    train(compose_config("train", ["dataset=multi", *multi(tmp_path / "data"), *SMOKE]), run)
+    result = json.loads((run / "eval.json").read_text())["results"][0]
+    sources = list(result["by_source"])
+    assert len(sources) == 2
+    blocks = [result["per_episode"][:2], result["per_episode"][2:]]  # equal shares, in source order
+    for name, block in zip(sources, blocks, strict=True):
+        assert result["by_source"][name]["accuracy"] == pytest.approx(sum(block) / len(block))
+        assert result["by_source"][name]["episodes"] == 2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in rows if "val/accuracy" in r]
+    assert validation and all(f"val/{name}/accuracy" in r for r in validation for name in sources)
