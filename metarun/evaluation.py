@@ -338,8 +338,8 @@ def run_evaluation(
         dataset = dataset if dataset is not None else build_dataset(cfg.dataset)
         algorithm = algorithm if given else build_algorithm(cfg, dataset, pretrained_weights=False).to(device)
         trained_on = dataset.name
-    if not given and eval_cfg.protocol == "episodes":  # features of a fixed backbone, computed after the weights load
-        dataset = with_frozen_features(cfg, dataset, algorithm, device)
+    if not given:  # features of a fixed backbone, computed after the weights load
+        dataset = with_frozen_features(cfg, dataset, algorithm, device, eval_protocol=eval_cfg.protocol)
     # a run trained on Meta-Dataset episodes is tested on them (a run saved before task.protocol existed is fixed)
     task_protocol = (cfg.get("task") or {}).get("protocol", "fixed")
     check_settings(dataset, eval_cfg, algorithm, protocol=task_protocol)

@@ -111,7 +111,9 @@ def build_sampler(
     return EpisodeSampler(dataset.splits[split], ways, shots, queries, dataset.mean, dataset.std, **options)
 
 
-def frozen_features_reason(cfg: DictConfig, dataset: FewShotDataset, algorithm: Algorithm) -> str | None:
+def frozen_features_reason(
+    cfg: DictConfig, dataset: FewShotDataset, algorithm: Algorithm, *, eval_protocol: str = "episodes"
+) -> str | None:
     """Why episodes of this run cannot be drawn from features computed once (:mod:`metarun.data.features`);
     None when they can: a fixed backbone (:func:`~metarun.models.freeze.is_fixed`) that the algorithm only asks
     for each image's features, on unaugmented images of one dataset in fixed-size episodes."""
@@ -126,19 +128,21 @@ def frozen_features_reason(cfg: DictConfig, dataset: FewShotDataset, algorithm: 
         return f"task.protocol={cfg.task.protocol} episodes are padded images"
     if isinstance(dataset, MultiSourceDataset) or hasattr(dataset, "sampler"):
         return f"dataset={dataset.name} is not one split of images"
-    if cfg.get("eval", {}).get("protocol", "episodes") != "episodes":
-        return f"eval.protocol={cfg.eval.protocol} reads image files"
+    if eval_protocol != "episodes":
+        return f"eval.protocol={eval_protocol} reads image files"
     return None
 
 
-def with_frozen_features(cfg: DictConfig, dataset: FewShotDataset, algorithm: Algorithm, device: torch.device) -> FewShotDataset:
+def with_frozen_features(
+    cfg: DictConfig, dataset: FewShotDataset, algorithm: Algorithm, device: torch.device, *, eval_protocol: str = "episodes"
+) -> FewShotDataset:
     """``trainer.frozen_features`` (``auto``: wherever :func:`frozen_features_reason` allows; ``true``: refused
     with the reason where it does not): the dataset to sample from, with ``algorithm``'s backbone replaced in place
     by its :class:`~metarun.models.freeze.FeatureInput` when episodes are drawn from features."""
     wanted = str(cfg.get("trainer", {}).get("frozen_features", "auto")).lower()
     if wanted == "false" or isinstance(dataset, FeatureDataset):
         return dataset
-    reason = frozen_features_reason(cfg, dataset, algorithm)
+    reason = frozen_features_reason(cfg, dataset, algorithm, eval_protocol=eval_protocol)
     if reason is not None:
         if wanted == "true":
             raise ConfigError(f"trainer.frozen_features=true: {reason}; set trainer.frozen_features=auto or false")

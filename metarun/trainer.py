@@ -358,7 +358,7 @@ def setup_run(
         check_settings(dataset, cfg.eval, algorithm, protocol=protocol)
     if tr.channels_last:
         algorithm = algorithm.to(memory_format=torch.channels_last)
-    dataset = with_frozen_features(cfg, dataset, algorithm, device)
+    dataset = with_frozen_features(cfg, dataset, algorithm, device, eval_protocol=cfg.eval.protocol)
     step = build_step(cfg, dataset, algorithm, topo=topo, where=where)
     val_precision = eval_precision(cfg.eval, tr)
     val_sampler = build_sampler(

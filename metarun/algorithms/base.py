@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from metarun.algorithms.pretrained_init import load_backbone_weights
 from metarun.data.episodes import Batch, Episode, EpisodeSampler
 
 
@@ -62,8 +63,6 @@ class Algorithm(nn.Module):
     def start_from(self, state: dict[str, torch.Tensor], config: dict, source: str) -> None:
         """``trainer.init_from``: a fresh run starts from the model ``state`` of an earlier run (trained with
         ``config``, read from ``source``): its backbone, checked against this one's."""
-        from metarun.algorithms.pretrained_init import load_backbone_weights
-
         load_backbone_weights(self.backbone, state, config, source)
 
     def sample_batch(self, sampler: EpisodeSampler, num_tasks: int, shard: tuple[int, int] = (0, 1)) -> Episode | Batch:

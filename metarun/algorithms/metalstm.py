@@ -64,16 +64,13 @@ def preprocess(x: torch.Tensor, p: float = P) -> torch.Tensor:
     return torch.stack([magnitude, direction], -1)
 
 
-def lstm_cell(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, shared=None):
-    """``nn.LSTMCell``'s step on ``[..., n, in]`` inputs (any leading dims), functionally. ``shared``: ``[..., 1, k]``
-    inputs every coordinate has in common (the loss), the last ``k`` of the cell's inputs: their share of the gates
-    is computed once, not ``n`` times."""
-    if shared is None:
-        gates = x @ weight_ih.T + (h @ weight_hh.T + (bias_ih + bias_hh))
-    else:
-        k = shared.shape[-1]
-        common = shared @ weight_ih[:, -k:].T + (bias_ih + bias_hh)  # [..., 1, 4 * hidden]
-        gates = x @ weight_ih[:, :-k].T + common + h @ weight_hh.T
+def lstm_cell(x, shared, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """``nn.LSTMCell``'s step, functionally, on inputs ``[x, shared]``: ``x`` ``[..., n, in - k]`` of each coordinate
+    and ``shared`` ``[..., 1, k]`` that every coordinate has in common (the loss), whose share of the gates is
+    computed once, not ``n`` times."""
+    k = shared.shape[-1]
+    common = shared @ weight_ih[:, -k:].T + (bias_ih + bias_hh)  # [..., 1, 4 * hidden]
+    gates = x @ weight_ih[:, :-k].T + common + h @ weight_hh.T
     i, f, g, o = gates.chunk(4, -1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
@@ -178,7 +175,7 @@ class MetaLSTM(FunctionalLearner):
             # the inputs: each coordinate's preprocessed gradient, and the task's preprocessed loss that all share
             shared = preprocess(loss.unsqueeze(-1))  # [..., 1, 2]
             h, cell = lstm_cell(
-                preprocess(g), h, cell, lstm["weight_ih"], lstm["weight_hh"], lstm["bias_ih"], lstm["bias_hh"], shared=shared
+                preprocess(g), shared, h, cell, lstm["weight_ih"], lstm["weight_hh"], lstm["bias_ih"], lstm["bias_hh"]
             )
             f = gate(h, c, f, gates["forget.weight"], gates["forget.bias"])
             i = gate(h, c, i, gates["input.weight"], gates["input.bias"])

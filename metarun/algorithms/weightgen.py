@@ -121,7 +121,7 @@ class WeightGen(Finetune):
 
     @classmethod
     def needs_pretrained(cls, options) -> str | None:
-        return "algo.pretrain_steps=0" if options.get("pretrain_steps", 1000) == 0 else None
+        return "algo.pretrain_steps=0" if options.get("pretrain_steps") == 0 else None
 
     def start_from(self, state: dict[str, torch.Tensor], config: dict, source: str) -> None:
         """Without stage 1 (``algo.pretrain_steps=0``): the backbone and the cosine classifier of an

@@ -131,9 +131,5 @@ class FeatureSampler(EpisodeSampler):
     def split(self) -> FeatureSplit:
         return self.features()
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.split.images.dtype
-
     def images_at(self, index: torch.Tensor) -> torch.Tensor:
         return self.split.images.flatten(0, 1).index_select(0, index)

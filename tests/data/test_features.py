@@ -100,6 +100,10 @@ def test_which_runs_take_features(compose_config, tiny):
     assert "adapts its backbone" in reason("algo=maml")
     assert "backbone trains" in reason("algo=anil", "backbone.freeze=bn")
     assert "dataset.augment=true" in reason("algo=anil", "dataset.augment=true")
+    cfg = compose_config("train", frozen(tiny, "algo=anil"))
+    dataset = build_dataset(cfg.dataset)
+    runs = frozen_features_reason(cfg, dataset, build_algorithm(cfg, dataset), eval_protocol="omniglot_runs")
+    assert "eval.protocol=omniglot_runs reads image files" in runs
     cfg = compose_config("train", frozen(tiny, "algo=maml", "trainer.frozen_features=true"))
     dataset = build_dataset(cfg.dataset)
     with pytest.raises(ConfigError, match="trainer.frozen_features=true: algo=maml adapts its backbone"):
