@@ -75,3 +75,14 @@ def test_bad_round_counts_are_refused_in_one_line(args, tmp_path):
     assert done.returncode == 2
     assert args[0] in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_evaluation_targets_depend_on_the_reference():
+    """3x against a plain reference scoring one episode a call; an algorithm timed against its own code one
+    episode a call (the model-based and the metric classics) must only not be slower."""
+    from metarun.bench.shapes import ALGORITHMS, target
+
+    for name in ALGORITHMS:
+        assert target(name, "eval_episodes_per_s", "omniglot-5w1s15q") == (">=", 3.0)
+    for name in ("leo", "weightgen", "incontext", "metalstm", "matching", "relation"):
+        assert target(name, "eval_episodes_per_s", "omniglot-5w1s15q") == (">=", 1.0)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from metarun.models.norm import EpisodeBatchNorm
+from metarun.models.pooling import MaxPool2d
 
 
 def conv_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), EpisodeBatchNorm(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), EpisodeBatchNorm(cout), nn.ReLU(inplace=True), MaxPool2d(2))
 
 
 class Conv4(nn.Module):

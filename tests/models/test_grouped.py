@@ -6,9 +6,10 @@ from torch.func import functional_call
 
 from metarun.models import grouped
 from metarun.models.conv4 import Conv4
-from metarun.models.grouped import conv2d, grouped_forward, grouped_layers, max_pool2d
+from metarun.models.grouped import conv2d, grouped_forward, grouped_layers
 from metarun.models.mlp import MLP
 from metarun.models.norm import norm_statistics
+from metarun.models.pooling import max_pool2d
 from metarun.models.resnet12 import ResNet12
 
 TASKS, N, SUPPORT = 3, 6, 4
@@ -124,31 +125,6 @@ def test_shared_weights_are_one_convolution_of_every_tasks_images(mode, layout):
 def test_only_plain_sequences_can_be_grouped():
     assert grouped_layers(Conv4((1, 8, 8), hidden=4, layers=2)) is not None
     assert grouped_layers(ResNet12((3, 16, 16), channels=(4, 4, 4, 4))) is None
-
-
-@pytest.mark.parametrize("channels", [6, 384])  # planes regrouped 2 and 128 to an image
-@pytest.mark.parametrize(
-    "pool", [torch.nn.MaxPool2d(2), torch.nn.MaxPool2d(3, stride=2, padding=1), torch.nn.MaxPool2d(2, ceil_mode=True)]
-)
-def test_channels_last_max_pool_equals_the_native_one_to_second_order(pool, channels):
-    """Same maxima (ties included: ReLU outputs are full of zeros), same first- and second-order gradients."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.relu(torch.randn(2, channels, 7, 7, generator=g, dtype=torch.float64)).round(decimals=1)
-    w = torch.randn(pool(x).shape, generator=g, dtype=torch.float64)
-
-    def values_and_grads(f):
-        xi = x.clone().requires_grad_()
-        y = f(xi)
-        (gx,) = torch.autograd.grad((y * w).square().sum(), xi, create_graph=True)
-        (ggx,) = torch.autograd.grad((gx * x).sum(), xi)
-        return y, gx, ggx
-
-    for a, b in zip(values_and_grads(pool), values_and_grads(lambda v: max_pool2d(v, pool)), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    with torch.no_grad():  # the path without indices
-        out = max_pool2d(x, pool)
-    torch.testing.assert_close(out, pool(x), rtol=0, atol=0)
-    assert out.is_contiguous()
 
 
 @pytest.mark.parametrize(
