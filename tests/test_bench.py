@@ -86,3 +86,16 @@ def test_evaluation_targets_depend_on_the_reference():
         assert target(name, "eval_episodes_per_s", "omniglot-5w1s15q") == (">=", 3.0)
     for name in ("leo", "weightgen", "incontext", "metalstm", "matching", "relation"):
         assert target(name, "eval_episodes_per_s", "omniglot-5w1s15q") == (">=", 1.0)
+
+
+def test_the_references_run_plain_torch_pooling():
+    """The per-task references time plain code: a copy of the backbone without metarun's faster pooling layer."""
+    from metarun.bench.references import plain_copy
+    from metarun.models.conv4 import Conv4
+
+    conv4 = Conv4((1, 28, 28))
+    copy = plain_copy(conv4)
+    pools = [m for m in copy.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    assert len(pools) == 4 and all(type(m) is torch.nn.MaxPool2d for m in pools)
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(copy(x), conv4(x), rtol=0, atol=0)

@@ -170,10 +170,18 @@ class Classifier(nn.Module):
 
 
 def plain_copy(module: nn.Module) -> nn.Module:
-    """An fp32, contiguous copy (the reference never sees channels_last or reduced precision)."""
+    """An fp32, contiguous copy (the reference never sees channels_last or reduced precision), its pooling
+    torch's own ``nn.MaxPool2d``, as plain code has it, not metarun's faster CPU layer."""
     out = copy.deepcopy(module).float()
     for p in out.parameters():
         p.data = p.data.contiguous()
+    for parent in list(out.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.MaxPool2d) and type(child) is not nn.MaxPool2d:
+                torch_pool = nn.MaxPool2d(
+                    child.kernel_size, child.stride, child.padding, child.dilation, ceil_mode=child.ceil_mode
+                )
+                setattr(parent, name, torch_pool)
     return out
 
 
