@@ -36,7 +36,10 @@ def max_pool2d(x: torch.Tensor, m: nn.MaxPool2d) -> torch.Tensor:
     taken (a query forward of several tasks a call; one task runs channels_last throughout, see
     :func:`metarun.models.grouped.grouped_forward`) the kernel runs without indices, which is cheaper.
     """
-    if x.device.type != "cpu" or x.dim() != 4 or channels_last(x):
+    # under torch.func transforms (vmap, grad: the MAML family's vmap and loop strategies) torch's own op,
+    # which they know how to batch and differentiate
+    functorch = torch._C._are_functorch_transforms_active()
+    if functorch or x.device.type != "cpu" or x.dim() != 4 or channels_last(x):
         return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
     if not (torch.is_grad_enabled() and x.requires_grad):
         y = F.max_pool2d(_channels_last_planes(x), m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)

@@ -55,3 +55,16 @@ def test_the_pooling_layer_keeps_values_gradients_and_layout(layout):
 
 def test_conv4_pools_through_the_fast_layer():
     assert sum(isinstance(m, MaxPool2d) for m in Conv4((1, 28, 28)).modules()) == 4
+
+
+def test_the_pooling_layer_works_under_torch_func_transforms():
+    """vmap and grad (the MAML family's strategies) cannot run a custom autograd.Function without setup_context."""
+    from torch.func import grad, vmap
+
+    pool = MaxPool2d(2)
+    x = torch.randn(3, 2, 4, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(vmap(pool)(x), torch.stack([torch.nn.functional.max_pool2d(t, 2) for t in x]))
+    g = grad(lambda t: pool(t).square().sum())(x[0])
+    t = x[0].clone().requires_grad_()
+    (expected,) = torch.autograd.grad(torch.nn.functional.max_pool2d(t, 2).square().sum(), t)
+    torch.testing.assert_close(g, expected)
