@@ -111,10 +111,8 @@ def grouped_forward(
             h = _norm(m, name, params, buffers, h, tasks, mode, support_size, update_stats)
         elif isinstance(m, nn.ReLU):
             h = F.relu(h)
-        elif isinstance(m, nn.MaxPool2d) and channels_last:
-            h = F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
         elif isinstance(m, nn.MaxPool2d):
-            h = max_pool2d(h, m)
+            h = max_pool2d(h, m)  # a channels_last h keeps torch's own kernel and layout
         else:  # Flatten: [n, tasks * c, h, w] -> [n, tasks, c * h * w]
             h = h.reshape(n, tasks, -1)
     return h.transpose(0, 1)

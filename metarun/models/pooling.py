@@ -1,4 +1,4 @@
-"""2x2 max-pooling that runs torch's fast kernel on a CPU whatever the activations' memory layout.
+"""Max-pooling that runs torch's fast kernel on a CPU whatever the activations' memory layout.
 
 Torch's NCHW max-pool kernel on a CPU is several times slower than its channels_last one, even
 counting the copy into channels_last (``docs/performance.md``, ``max_pool2d``); Conv4's pooling layers
