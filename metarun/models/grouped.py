@@ -82,9 +82,9 @@ def grouped_forward(
     """
     tasks, n = x.shape[:2]
     h = x.transpose(0, 1).flatten(1, 2) if x.dim() > 3 else x.transpose(0, 1)  # [n, tasks * c, ...] or [n, tasks, d]
-    # One task without gradients (evaluation's query forward on a CPU) is a plain network, which runs
-    # faster channels_last, with no layout copies; grouped convolutions and backward passes run slower so.
-    channels_last = h.device.type == "cpu" and h.dim() == 4 and tasks == 1 and not torch.is_grad_enabled()
+    channels_last = runs_channels_last(h, tasks)
+    if channels_last and h.shape[1] > 1:
+        h = h.contiguous(memory_format=torch.channels_last)  # so that the first convolution's output is too
     folded = None  # the norm layer folded into the convolution before it
     for i, (name, m) in enumerate(layers):
         if name == folded:
@@ -116,6 +116,19 @@ def grouped_forward(
         else:  # Flatten: [n, tasks * c, h, w] -> [n, tasks, c * h * w]
             h = h.reshape(n, tasks, -1)
     return h.transpose(0, 1)
+
+
+def runs_channels_last(h: torch.Tensor, tasks: int) -> bool:
+    """Whether a grouped call of ``h = [n, tasks * c, height, width]`` runs channels_last.
+
+    One task a call on a CPU is a plain network, which runs faster channels_last: without gradients
+    (evaluation's query forward) always, and with them for images of several channels (miniImageNet's
+    tasks, which go one a call: meta-steps 1.4-1.8x in fp32). Omniglot's one-channel images with
+    gradients, and every grouped call of several tasks, ran slower so (docs/performance.md).
+    """
+    if h.device.type != "cpu" or h.dim() != 4 or tasks != 1:
+        return False
+    return not torch.is_grad_enabled() or h.shape[1] > 1
 
 
 def folds_into(h: torch.Tensor, conv: nn.Conv2d, norm: nn.Module) -> bool:

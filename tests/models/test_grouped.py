@@ -102,6 +102,40 @@ def test_one_task_without_gradients_equals_its_own_forward(mode, channels):
     torch.testing.assert_close(out[0], expected)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("mode", ["batch", "support"])
+def test_one_task_of_colour_images_with_gradients_runs_channels_last_exactly_to_second_order(mode, channels, monkeypatch):
+    """miniImageNet's tasks go one a call; with several image channels the call runs channels_last (its
+    convolutions get NHWC inputs), with the same outputs, running statistics and first- and second-order
+    gradients as the task's own forward. One-channel images keep NCHW, where it was faster."""
+    torch.manual_seed(0)
+    backbone = Conv4((channels, 12, 12), hidden=4, layers=3).double().train()
+    params, buffers = per_task_params(backbone, 1)
+    params = {k: v.requires_grad_() for k, v in params.items()}
+    x = torch.randn(1, N, channels, 12, 12, dtype=torch.float64)
+    layouts, conv = [], grouped._conv
+    monkeypatch.setattr(grouped, "_conv", lambda h, *a: layouts.append(h.is_contiguous()) or conv(h, *a))
+    grouped_stats = {k: v.clone() for k, v in buffers.items()}
+    out = grouped_forward(grouped_layers(backbone), params, grouped_stats, x, mode, SUPPORT, update_stats=mode == "batch")
+    assert len(layouts) == 3
+    assert not any(layouts) if channels == 3 else all(layouts)
+    expected, stats = one_task(backbone, params, buffers, 0, x[0], mode, SUPPORT)
+    torch.testing.assert_close(out[0], expected)
+    for k in stats:
+        torch.testing.assert_close(grouped_stats[k][0], stats[k])
+    probe = torch.randn_like(expected)
+    weights = list(params.values())
+
+    def grads(y):
+        first = torch.autograd.grad((y * probe).square().sum(), weights, create_graph=True)
+        second = torch.autograd.grad(sum((g * g.detach().sign()).sum() for g in first), weights)
+        return first, second
+
+    for got, want in zip(grads(out[0]), grads(expected), strict=True):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("mode", ["batch", "running"])
 def test_shared_weights_are_one_convolution_of_every_tasks_images(mode, layout):
