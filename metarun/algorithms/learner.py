@@ -197,7 +197,7 @@ class FunctionalLearner(Algorithm):
         per_task = self.per_task_stats(stats, tasks)
         strategy = self.strategy_for(images_per_task)
         if strategy == "grouped":
-            chunk = self.chunk_size or tasks_per_call(call_images or images_per_task, first.device, first.shape[2:].numel())
+            chunk = self.chunk_size or tasks_per_call(call_images or images_per_task, first)
             out, updated = self.run_grouped(fn, (*shared, fixed), (per_task, *batched), chunk)
         else:
             out, updated = map_tasks(fn, (*shared, fixed), (per_task, *batched), strategy, self.chunk_size)

@@ -39,18 +39,23 @@ STRATEGIES = ("auto", "grouped", "vmap", "loop")
 
 #: A grouped call (``strategy=grouped``) takes as many tasks as keep it at about this many images
 #: (``algo.chunk_size`` overrides): larger calls outgrow the caches. Images count in 28x28 Omniglot
-#: images; a 3x84x84 one is 27, so miniImageNet tasks go one a call.
+#: images computed in bf16 (autocast's): a 3x84x84 image is 27, so miniImageNet tasks go one a call,
+#: and an fp32 one counts twice, since its activations take twice the bytes.
 GROUPED_IMAGES_PER_CALL = 512
 OMNIGLOT_IMAGE_NUMEL = 28 * 28
+COUNTED_ELEMENT_BYTES = 2  # bf16
 
 
-def tasks_per_call(images_per_task: int, device: torch.device, image_numel: int = OMNIGLOT_IMAGE_NUMEL) -> int | None:
-    """Tasks in one grouped call; None: all of them. The limits above are about a CPU's caches: a GPU
-    runs a meta-batch fastest as one call, since its cost is kernel launches, not cache misses."""
-    if device.type != "cpu":
+def tasks_per_call(images_per_task: int, images: torch.Tensor) -> int | None:
+    """Tasks in one grouped call whose tasks each put ``images_per_task`` images like those of ``images``
+    (``[tasks, n, *image]``) through it; None: all of them. The limits above are about a CPU's caches: a
+    GPU runs a meta-batch fastest as one call, since its cost is kernel launches, not cache misses."""
+    device = images.device.type
+    if device != "cpu":
         return None
-    images = images_per_task * max(1.0, image_numel / OMNIGLOT_IMAGE_NUMEL)
-    return max(1, int(GROUPED_IMAGES_PER_CALL // max(images, 1)))
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else images.dtype
+    size = max(1.0, images.shape[2:].numel() / OMNIGLOT_IMAGE_NUMEL) * max(1.0, dtype.itemsize / COUNTED_ELEMENT_BYTES)
+    return max(1, int(GROUPED_IMAGES_PER_CALL // max(images_per_task * size, 1)))
 
 
 #: Without grouping, ``algo.strategy=auto`` uses vmap while a task forwards at most this many
@@ -131,7 +136,7 @@ def _grouped_features(backbone: nn.Module, layers, xs: torch.Tensor, xq: torch.T
     buffers = {k: b for k, b in backbone.named_buffers() if b.is_floating_point()}  # running mean and variance
     update = backbone.training and bn_mode == "transductive" and bool(buffers)
     tasks = xs.shape[0]
-    size = tasks_per_call(xs.shape[1] + xq.shape[1], xs.device, xs.shape[2:].numel())
+    size = tasks_per_call(xs.shape[1] + xq.shape[1], xs)
     per_task = {k: b.detach().expand(tasks, *b.shape).clone() for k, b in buffers.items()} if update else {}
     zs, zq = [], []
     for start in range(0, tasks, size):

@@ -118,7 +118,7 @@ def test_evaluation_is_the_same_with_either_strategy(bn_mode):
 def test_grouped_evaluation_runs_its_queries_in_sub_calls_with_the_loops_predictions(bn_mode, monkeypatch):
     """A grouped evaluation call is sized by the support images of an inner step; its query forward
     runs one task a call (channels_last on a CPU), which must not change a single logit."""
-    monkeypatch.setattr(task_batching, "GROUPED_IMAGES_PER_CALL", 24)  # 4 tasks of 6 support images a call
+    monkeypatch.setattr(task_batching, "GROUPED_IMAGES_PER_CALL", 96)  # 4 tasks of 6 float64 support images a call
     data = data_for("conv4", tasks=5, queries=4)
     logits = {}
     for strategy in ("grouped", "loop"):
@@ -188,12 +188,21 @@ def test_auto_strategy_rule():
 
 
 def test_grouped_call_sizes_follow_the_cpus_caches_and_take_everything_on_a_gpu():
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert task_batching.tasks_per_call(10, cpu) == task_batching.GROUPED_IMAGES_PER_CALL // 10
-    assert task_batching.tasks_per_call(task_batching.GROUPED_IMAGES_PER_CALL + 1, cpu) == 1
-    assert task_batching.tasks_per_call(10, gpu) is None and task_batching.tasks_per_call(100, gpu) is None
-    assert task_batching.tasks_per_call(10, cpu, 3 * 84 * 84) == 1  # 10 miniImageNet images are 270 Omniglot ones
-    assert task_batching.tasks_per_call(1, cpu, 3 * 32 * 32) == task_batching.GROUPED_IMAGES_PER_CALL * 784 // (3 * 1024)
+    limit = task_batching.GROUPED_IMAGES_PER_CALL
+
+    omniglot = torch.zeros(2, 3, 1, 28, 28, dtype=torch.bfloat16)
+    assert task_batching.tasks_per_call(10, omniglot) == limit // 10
+    assert task_batching.tasks_per_call(limit + 1, omniglot) == 1
+    assert task_batching.tasks_per_call(10, omniglot.float()) == limit // 20  # fp32 activations take twice the bytes
+    assert task_batching.tasks_per_call(10, omniglot.double()) == limit // 40
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the activations' precision is autocast's
+        assert task_batching.tasks_per_call(10, omniglot.float()) == limit // 10
+    mini = torch.zeros(2, 3, 3, 84, 84, dtype=torch.bfloat16)
+    assert task_batching.tasks_per_call(10, mini) == 1  # 10 miniImageNet images are 270 Omniglot ones
+    cifar = torch.zeros(2, 3, 3, 32, 32, dtype=torch.bfloat16)
+    assert task_batching.tasks_per_call(1, cifar) == limit * 784 // (3 * 1024)
+    for x in (omniglot, mini):
+        assert task_batching.tasks_per_call(10, x.to("meta")) is None  # off the CPU (as on a GPU): all tasks in one call
     calls = []
     out = task_batching.map_chunks(lambda x: calls.append(len(x)) or x * 2, (torch.arange(7),), None)
     assert calls == [7] and out.tolist() == [2 * i for i in range(7)]
