@@ -37,6 +37,20 @@ def one_task(backbone, params, buffers, t, x, mode, support_size):
     return out, stats
 
 
+def assert_same_gradients_to_second_order(out, expected, weights):
+    """First- and second-order gradients with respect to ``weights`` of a loss of ``out`` and of ``expected`` agree."""
+    probe = torch.randn_like(expected)
+
+    def grads(y):
+        first = torch.autograd.grad((y * probe).square().sum(), weights, create_graph=True)
+        second = torch.autograd.grad(sum((g * g.detach().sign()).sum() for g in first), weights)
+        return first, second
+
+    for got, want in zip(grads(out), grads(expected), strict=True):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("mode", ["batch", "support", "running"])
 @pytest.mark.parametrize("kind", ["conv4", "mlp"])
 def test_equals_each_task_run_on_its_own(kind, mode):
@@ -74,17 +88,7 @@ def test_a_batch_norm_folded_into_the_convolution_of_images_is_exact_to_second_o
     torch.testing.assert_close(out, expected)
     for k in buffers:
         torch.testing.assert_close(grouped_stats[k], torch.stack([stats[k] for _, stats in runs]))
-    probe = torch.randn_like(out)
-    weights = list(params.values())
-
-    def grads(y):
-        first = torch.autograd.grad((y * probe).square().sum(), weights, create_graph=True)
-        second = torch.autograd.grad(sum((g * g.detach().sign()).sum() for g in first), weights)
-        return first, second
-
-    for got, want in zip(grads(out), grads(expected), strict=True):
-        for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert_same_gradients_to_second_order(out, expected, list(params.values()))
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -123,17 +127,7 @@ def test_one_task_of_colour_images_with_gradients_runs_channels_last_exactly_to_
     torch.testing.assert_close(out[0], expected)
     for k in stats:
         torch.testing.assert_close(grouped_stats[k][0], stats[k])
-    probe = torch.randn_like(expected)
-    weights = list(params.values())
-
-    def grads(y):
-        first = torch.autograd.grad((y * probe).square().sum(), weights, create_graph=True)
-        second = torch.autograd.grad(sum((g * g.detach().sign()).sum() for g in first), weights)
-        return first, second
-
-    for got, want in zip(grads(out[0]), grads(expected), strict=True):
-        for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert_same_gradients_to_second_order(out[0], expected, list(params.values()))
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
