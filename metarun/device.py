@@ -44,6 +44,12 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype operations on ``t`` compute in: autocast's where it is on for ``t``'s device, else ``t``'s own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
 def compile_step(algorithm):
     """``torch.compile`` of an algorithm's meta-step, for the fixed shapes of one run.
 

@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
+from metarun.device import compute_dtype
 from metarun.models.grouped import grouped_forward, grouped_layers
 from metarun.models.norm import BN_MODES, norm_statistics, one_task_per_call
 
@@ -50,11 +51,10 @@ def tasks_per_call(images_per_task: int, images: torch.Tensor) -> int | None:
     """Tasks in one grouped call whose tasks each put ``images_per_task`` images like those of ``images``
     (``[tasks, n, *image]``) through it; None: all of them. The limits above are about a CPU's caches: a
     GPU runs a meta-batch fastest as one call, since its cost is kernel launches, not cache misses."""
-    device = images.device.type
-    if device != "cpu":
+    if images.device.type != "cpu":
         return None
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else images.dtype
-    size = max(1.0, images.shape[2:].numel() / OMNIGLOT_IMAGE_NUMEL) * max(1.0, dtype.itemsize / COUNTED_ELEMENT_BYTES)
+    element_bytes = compute_dtype(images).itemsize
+    size = max(1.0, images.shape[2:].numel() / OMNIGLOT_IMAGE_NUMEL) * max(1.0, element_bytes / COUNTED_ELEMENT_BYTES)
     return max(1, int(GROUPED_IMAGES_PER_CALL // max(images_per_task * size, 1)))
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metarun.device import compute_dtype
 from metarun.models.norm import EpisodeBatchNorm, batch_norm, normalize_by, running_momentum
 from metarun.models.pooling import max_pool2d
 
@@ -83,8 +84,8 @@ def grouped_forward(
     tasks, n = x.shape[:2]
     h = x.transpose(0, 1).flatten(1, 2) if x.dim() > 3 else x.transpose(0, 1)  # [n, tasks * c, ...] or [n, tasks, d]
     channels_last = runs_channels_last(h, tasks)
-    if channels_last and h.shape[1] > 1:
-        h = h.contiguous(memory_format=torch.channels_last)  # so that the first convolution's output is too
+    if channels_last:  # so that the first convolution's output is too (one-channel images already are both layouts)
+        h = h.contiguous(memory_format=torch.channels_last)
     folded = None  # the norm layer folded into the convolution before it
     for i, (name, m) in enumerate(layers):
         if name == folded:
@@ -224,8 +225,7 @@ def _unfold_images(x, w, b, stride, padding, dilation, groups):
     """``x``'s neighbourhoods under ``w``'s kernel, ``[n, groups, taps (+1), positions]``, and the weights,
     ``[groups, out channels per group, taps (+1)]``, in the compute dtype (autocast's), with the bias as
     a row of ones, so that each output is summed and rounded once; and the output's spatial size."""
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
+    dtype = compute_dtype(w)
     n, size = (
         x.shape[0],
         tuple(
