@@ -13,11 +13,14 @@ data-parallel all-reduce stay in the trainer, written once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from metarun.algorithms.pretrained_init import load_backbone_weights
 from metarun.data.episodes import Batch, Episode, EpisodeSampler
+from metarun.models.norm import one_task_per_call
 
 
 class Algorithm(nn.Module):
@@ -103,3 +106,35 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def surrogate_loss(params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
     """A scalar whose gradient with respect to ``params`` is ``grads``."""
     return sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(params, grads, strict=True))
+
+
+def loss_task_by_task(
+    model: nn.Module, batch: Episode, task_loss: Callable[[Episode], tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:meth:`Algorithm.training_loss` of an algorithm whose loss is the mean of its tasks' losses, from
+    ``task_loss(episode) -> (mean loss, mean accuracy)``.
+
+    On a CPU each task's forward and backward run back to back, so that only one task's activations are alive
+    (in cache) at a time, as a plain per-episode loop has them, without its optimiser step per task; the mean
+    of the tasks' gradients comes back as a :func:`surrogate_loss` whose value is the loss, and the running
+    statistics move as one call of all tasks moves them (:func:`one_task_per_call`). An accelerator, or a
+    batch of one task, takes the whole batch in one call."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = batch.num_tasks
+    if batch.support_x.device.type != "cpu" or t == 1 or not params or not torch.is_grad_enabled():
+        loss, acc = task_loss(batch)
+        return loss, {"loss": loss.detach(), "acc": acc.detach()}
+    grads = [torch.zeros_like(p) for p in params]
+    losses, accs = [], []
+    with one_task_per_call(model) as next_task:
+        for i in range(t):
+            loss, acc = task_loss(batch.select(slice(i, i + 1)))
+            for g, gi in zip(grads, torch.autograd.grad(loss / t, params, allow_unused=True), strict=True):
+                if gi is not None:
+                    g.add_(gi)
+            losses.append(loss.detach())
+            accs.append(acc.detach())
+            next_task()
+    loss = torch.stack(losses).mean()
+    surrogate = surrogate_loss(params, grads)
+    return surrogate - surrogate.detach() + loss, {"loss": loss, "acc": torch.stack(accs).mean()}

@@ -1,10 +1,11 @@
 """Prototypical networks (Snell et al. 2017).
 
 Each class is the mean embedding of its support images; a query is classified
-by a softmax over negative squared Euclidean distances to the prototypes. The
-tasks of a meta-batch go through the backbone in one forward pass, but batch
-norm sees one task at a time, so results do not depend on how tasks are
-batched or split across processes.
+by a softmax over negative squared Euclidean distances to the prototypes.
+Batch norm sees one task at a time, so results do not depend on how tasks are
+batched or split across processes: an accelerator takes a meta-batch in one
+forward pass, a CPU one task a call (:meth:`ProtoNet.embed`; a training step
+task by task, :func:`~metarun.algorithms.base.loss_task_by_task`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from metarun.algorithms.base import Algorithm, accuracy, surrogate_loss
+from metarun.algorithms.base import Algorithm, accuracy, loss_task_by_task
 from metarun.algorithms.padded import is_padded, mask_classes, per_task_features, task_losses
 from metarun.data.episodes import Episode
 from metarun.errors import ConfigError
@@ -101,45 +102,15 @@ class ProtoNet(Algorithm):
         return mask_classes(logits_from_distances(q, protos), episode.class_mask)
 
     def training_loss(self, batch: Episode):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if (
-            batch.support_x.device.type == "cpu"
-            and batch.num_tasks > 1
-            and params
-            and torch.is_grad_enabled()
-            and not is_padded(batch)
-        ):
-            return self.training_loss_task_by_task(batch, params)
-        logits = self.logits(batch, "batch")
         if is_padded(batch):  # each episode weighs the same, whatever its number of queries
-            losses, accs = task_losses(logits, batch.query_y, batch.query_mask)
+            losses, accs = task_losses(self.logits(batch, "batch"), batch.query_y, batch.query_mask)
             loss = losses.mean()
             return loss, {"loss": loss.detach(), "acc": accs.mean().detach()}
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
-        return loss, {"loss": loss.detach(), "acc": accuracy(logits, batch.query_y).mean().detach()}
+        return loss_task_by_task(self, batch, self.tasks_loss)
 
-    def training_loss_task_by_task(self, batch: Episode, params: list[torch.Tensor]):
-        """On a CPU, each task's forward and backward run back to back, so only one task's activations are alive
-        (in cache) at a time, as a plain per-episode loop has them; the mean of the tasks' gradients comes back as a
-        :func:`~metarun.algorithms.base.surrogate_loss`, and the loss equals the one-call loss."""
-        t = batch.num_tasks
-        grads = [torch.zeros_like(p) for p in params]
-        losses, accs = [], []
-        with one_task_per_call(self.backbone) as next_task:
-            for i in range(t):
-                task = batch.select(slice(i, i + 1))
-                s, q = self.embed_tasks(task.support_x, task.query_x, "batch")
-                logits = logits_from_distances(at_least_float(q), prototypes(at_least_float(s), task.support_y, batch.ways))
-                loss = F.cross_entropy(logits.flatten(0, 1), task.query_y.flatten())
-                for g, gi in zip(grads, torch.autograd.grad(loss / t, params, allow_unused=True), strict=True):
-                    if gi is not None:
-                        g.add_(gi)
-                losses.append(loss.detach())
-                accs.append(accuracy(logits, task.query_y).mean().detach())
-                next_task()
-        loss = torch.stack(losses).mean()
-        surrogate = surrogate_loss(params, grads)
-        return surrogate - surrogate.detach() + loss, {"loss": loss, "acc": torch.stack(accs).mean()}  # the loss's value
+    def tasks_loss(self, batch: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits(batch, "batch")
+        return F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten()), accuracy(logits, batch.query_y).mean()
 
     @torch.inference_mode()
     def predict_logits(self, episode: Episode, bn_mode: str) -> torch.Tensor:

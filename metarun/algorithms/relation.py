@@ -27,6 +27,10 @@ runs on the class maps and on the query maps separately (``ways + queries``
 maps, not ``ways x queries`` pairs) and the two halves are added for each
 pair, exactly what the convolution of the concatenation gives. Everything is
 batched over tasks; batch norm sees each task on its own (``tasks`` groups).
+On a CPU the tasks go one a call (a training step task by task,
+:func:`~metarun.algorithms.base.loss_task_by_task`): a meta-batch's pairs
+outgrow the caches, and one call of 32 Omniglot tasks ran at a quarter to
+half the speed of 32 calls (``docs/performance.md``).
 With ``eval.bn_mode=support`` the relation module is normalised by the
 statistics of the pairs of each support image with every class, placed in
 front of the query pairs. The default is ``transductive``: the paper's code
@@ -44,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.algorithms.base import Algorithm, accuracy
+from metarun.algorithms.base import Algorithm, accuracy, loss_task_by_task
 from metarun.data.episodes import Episode
 from metarun.errors import ConfigError
 from metarun.models.norm import BN_MODES, EpisodeBatchNorm, check_bn_mode, norm_statistics
@@ -186,13 +190,23 @@ class RelationNet(Algorithm):
             return self.relation(classes, torch.cat([s, q], 1))[:, ns:]
 
     def training_loss(self, batch: Episode):
+        return loss_task_by_task(self, batch, self.tasks_loss)
+
+    def tasks_loss(self, batch: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self.scores(batch, "transductive")
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # the loss in at least fp32
         loss = F.mse_loss(scores, F.one_hot(batch.query_y, batch.ways).to(scores.dtype))
-        return loss, {"loss": loss.detach(), "acc": accuracy(scores, batch.query_y).mean().detach()}
+        return loss, accuracy(scores, batch.query_y).mean()
 
     @torch.inference_mode()
     def predict_logits(self, episode: Episode, bn_mode: str) -> torch.Tensor:
-        """The log of the relation scores, so that a softmax gives each class its share of the scores."""
-        scores = self.scores(episode, check_bn_mode(bn_mode))
+        """The log of the relation scores, so that a softmax gives each class its share of the scores.
+
+        On a CPU the tasks go one a call: the relation module's pairs of a meta-batch outgrow the caches
+        (``[tasks x items x ways, channels, h, w]``), and each task's statistics are its own either way."""
+        bn_mode = check_bn_mode(bn_mode)
+        if episode.support_x.device.type == "cpu":
+            scores = torch.cat([self.scores(episode.select(slice(i, i + 1)), bn_mode) for i in range(episode.num_tasks)])
+        else:
+            scores = self.scores(episode, bn_mode)
         return scores.to(torch.promote_types(scores.dtype, torch.float32)).clamp_min(1e-12).log()

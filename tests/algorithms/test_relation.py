@@ -78,6 +78,32 @@ def test_training_loss_and_gradients_equal_a_per_task_loop():
     assert 0.0 <= metrics["acc"].item() <= 1.0
 
 
+def test_a_cpu_step_task_by_task_equals_one_call_of_every_task_with_the_running_statistics():
+    """On a CPU the step runs each task's forward and backward back to back; its loss, gradients and running
+    statistics (embedding and relation module) must be those of one call of the whole meta-batch."""
+    net = model().train()
+    whole = copy.deepcopy(net)
+    ep = random_episode()
+    calls = []
+    net.relation.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    loss, metrics = net.training_loss(ep)
+    loss.backward()
+    assert calls == [1, 1, 1]  # a task a call
+    expected, acc = whole.tasks_loss(ep)  # every task in one call, one backward
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(metrics["loss"], expected.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(metrics["acc"], acc)
+    for (name, p), q in zip(net.named_parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-13, msg=name)
+    moved = 0
+    for (name, a), b in zip(net.named_buffers(), whole.buffers(), strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+            moved += int(not torch.equal(a, model().get_buffer(name)))
+    assert moved == 12  # mean and variance of 6 layers: the backbone's 4 and the relation module's 2
+
+
 def trained_a_little(net: RelationNet, ep: Episode) -> RelationNet:
     net.train()
     for _ in range(3):  # give the running statistics something to hold
@@ -126,6 +152,7 @@ def test_every_bn_mode_evaluates_tasks_together_as_alone(bn_mode):
         together = net.scores(ep, bn_mode)
         alone = torch.cat([net.scores(ep.select(slice(t, t + 1)), bn_mode) for t in range(3)])
     torch.testing.assert_close(together, alone)
+    torch.testing.assert_close(net.predict_logits(ep, bn_mode), together.log())  # on a CPU, one task a call
 
 
 def test_a_query_is_scored_independently_of_the_other_queries_unless_transductive():
