@@ -197,13 +197,18 @@ class FunctionalLearner(Algorithm):
         per_task = self.per_task_stats(stats, tasks)
         strategy = self.strategy_for(images_per_task)
         if strategy == "grouped":
-            chunk = self.chunk_size or tasks_per_call(call_images or images_per_task, first)
+            chunk = self.chunk_size or self.tasks_per_call(call_images or images_per_task, first)
             out, updated = self.run_grouped(fn, (*shared, fixed), (per_task, *batched), chunk)
         else:
             out, updated = map_tasks(fn, (*shared, fixed), (per_task, *batched), strategy, self.chunk_size)
         if stats:
             self.write_back_stats(stats, updated)
         return out
+
+    def tasks_per_call(self, images_per_task: int, images: torch.Tensor) -> int | None:
+        """Tasks in one grouped call (None: all): as many as keep its activations in the caches
+        (:func:`~metarun.algorithms.task_batching.tasks_per_call`)."""
+        return tasks_per_call(images_per_task, images)
 
     def run_grouped(self, fn: Callable, shared: tuple, batched: tuple, size: int | None):
         """``fn`` called on ``size`` tasks at a time with their tensors stacked, outputs concatenated.

@@ -148,6 +148,15 @@ class MetaLSTM(FunctionalLearner):
             out[g][k] = part.reshape(*lead, *shape)
         return out
 
+    def tasks_per_call(self, images_per_task: int, images: torch.Tensor) -> int | None:
+        """One task a grouped call in a training step on a CPU: the coordinate-wise LSTM's gates, kept for the
+        backward, are ``4 x hidden`` values per learner weight (36 MB a task for Conv4-64 in fp32), beyond the caches
+        already, where counting images alone would put six Omniglot tasks in a call and run at 0.6x the speed
+        (``docs/performance.md``). Evaluation keeps nothing for a backward, and the images' count."""
+        if images.device.type == "cpu" and torch.is_grad_enabled():
+            return 1
+        return super().tasks_per_call(images_per_task, images)
+
     # -- one task (or a grouped call's tasks) ---------------------------------------------------
     def unroll(self, meta_params: Params, buffers: Params, xs, ys, xq, bn_mode: str, second_order: bool) -> torch.Tensor:
         """``inner_steps`` updates of the learner by the meta-learner on ``(xs, ys)``, then the outputs on ``xq``."""
@@ -172,14 +181,17 @@ class MetaLSTM(FunctionalLearner):
             g, loss = take_grad(c)
             if not second_order:
                 g = g.detach()  # the paper's simplification: the learner's gradient is an input, not a function of c
-            # the inputs: each coordinate's preprocessed gradient, and the task's preprocessed loss that all share
-            shared = preprocess(loss.unsqueeze(-1))  # [..., 1, 2]
-            h, cell = lstm_cell(
-                preprocess(g), shared, h, cell, lstm["weight_ih"], lstm["weight_hh"], lstm["bias_ih"], lstm["bias_hh"]
-            )
-            f = gate(h, c, f, gates["forget.weight"], gates["forget.bias"])
-            i = gate(h, c, i, gates["input.weight"], gates["input.bias"])
-            c = f * c - i * g
+            # the meta-learner in the weights' own precision, not autocast's: its products ([n, 4] x [4, 4 hidden]) are
+            # memory-bound, so bf16 only adds conversions, and would round the gates that scale every update
+            with torch.autocast(c.device.type, enabled=False):
+                # the inputs: each coordinate's preprocessed gradient, and the task's preprocessed loss that all share
+                g, shared = g.to(c.dtype), preprocess(loss.to(c.dtype).unsqueeze(-1))  # [..., 1, 2]
+                h, cell = lstm_cell(
+                    preprocess(g), shared, h, cell, lstm["weight_ih"], lstm["weight_hh"], lstm["bias_ih"], lstm["bias_hh"]
+                )
+                f = gate(h, c, f, gates["forget.weight"], gates["forget.bias"])
+                i = gate(h, c, i, gates["input.weight"], gates["input.bias"])
+                c = f * c - i * g
         fast = self.unflatten(c)
         return self.head_forward(fast, self.embed_query(fast, buffers, xs, xq, bn_mode))
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from metarun.algorithms.metalstm import MetaLSTM, preprocess
+from metarun.algorithms.task_batching import tasks_per_call
 from metarun.data.episodes import Episode
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
@@ -96,10 +97,11 @@ def reference_task_loss(model: MetaLSTM, xs, ys, xq, yq, second_order: bool) -> 
     return F.cross_entropy(out, yq)
 
 
-@pytest.mark.parametrize("strategy", ["grouped", "vmap", "loop"])
+@pytest.mark.parametrize("strategy", ["grouped", "grouped-3", "vmap", "loop"])  # grouped: a task a call on a CPU
 @pytest.mark.parametrize("second_order", [False, True])
 def test_batched_meta_gradient_equals_a_per_task_reference(strategy, second_order):
-    model = build(second_order=second_order, strategy=strategy)
+    strategy, _, chunk = strategy.partition("-")
+    model = build(second_order=second_order, strategy=strategy, chunk_size=int(chunk) if chunk else None)
     model.train()
     ep = random_episode()
     params = [p for p in model.parameters()]
@@ -115,6 +117,20 @@ def test_batched_meta_gradient_equals_a_per_task_reference(strategy, second_orde
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
     names = [n for n, _ in model.named_parameters()]
     assert all(g.abs().sum() > 0 for n, g in zip(names, batched, strict=True) if not n.endswith("0.bias")), names
+
+
+def test_a_grouped_call_of_a_training_step_takes_one_task_on_a_cpu_and_every_task_elsewhere():
+    """The coordinate-wise LSTM's state, not the images, decides a grouped call's size on a CPU."""
+    model = build(strategy="grouped")
+    assert model.tasks_per_call(4, torch.zeros(8, 4, 1, 12, 12)) == 1
+    assert model.tasks_per_call(4, torch.zeros(8, 4, 1, 12, 12, device="meta")) is None
+    with torch.no_grad():  # evaluation: nothing kept for a backward, calls sized by their images
+        assert model.tasks_per_call(4, torch.zeros(8, 4, 1, 12, 12)) == tasks_per_call(4, torch.zeros(8, 4, 1, 12, 12)) > 1
+    sizes = []
+    real = model.run_grouped
+    model.run_grouped = lambda fn, shared, batched, size: sizes.append(size) or real(fn, shared, batched, size)
+    model.training_loss(random_episode())
+    assert sizes == [1]
 
 
 def test_second_order_changes_the_meta_gradient():
