@@ -18,6 +18,7 @@ from metarun.models.norm import norm_statistics
 from metarun.trainer import train
 from tests.algorithms.test_learning import learns
 from tests.conftest import run_cli
+from tests.helpers.task_by_task import assert_step_equals_one_call
 
 
 def random_episode(tasks=3, ways=4, shots=2, queries=3, dtype=torch.float64) -> Episode:
@@ -111,23 +112,10 @@ def test_training_loss_and_gradients_equal_a_per_task_loop(fce):
 @pytest.mark.parametrize("fce", [False, True], ids=["plain", "fce"])
 def test_a_cpu_step_task_by_task_equals_one_call_of_every_task_with_the_running_statistics(fce):
     net = model(fce).train()
-    whole = copy.deepcopy(net)
-    ep = random_episode()
     calls = []
     net.backbone.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
-    loss, metrics = net.training_loss(ep)
-    loss.backward()
-    assert calls == [8, 12] * 3  # a task a call: its support, then its queries
-    expected, acc = whole.tasks_loss(ep)  # every task in one call, one backward
-    expected.backward()
-    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(metrics["acc"], acc)
-    for (name, p), q in zip(net.named_parameters(), whole.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-13, msg=name)
-    for (name, a), b in zip(net.named_buffers(), whole.buffers(), strict=True):
-        if a.is_floating_point():
-            assert not torch.equal(a, model(fce).get_buffer(name)), name
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+    assert_step_equals_one_call(net, random_episode())
+    assert calls == [8, 12] * 3  # a task a call, its support then its queries (the one call is a grouped network)
 
 
 @pytest.mark.parametrize("fce", [False, True], ids=["plain", "fce"])

@@ -19,6 +19,7 @@ from metarun.models.resnet12 import ResNet12
 from metarun.trainer import train
 from tests.algorithms.test_learning import learns
 from tests.conftest import run_cli
+from tests.helpers.task_by_task import assert_step_equals_one_call
 
 
 def random_episode(tasks=3, ways=4, shots=2, queries=3, size=28, channels=1, dtype=torch.float64) -> Episode:
@@ -82,26 +83,10 @@ def test_a_cpu_step_task_by_task_equals_one_call_of_every_task_with_the_running_
     """On a CPU the step runs each task's forward and backward back to back; its loss, gradients and running
     statistics (embedding and relation module) must be those of one call of the whole meta-batch."""
     net = model().train()
-    whole = copy.deepcopy(net)
-    ep = random_episode()
     calls = []
     net.relation.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
-    loss, metrics = net.training_loss(ep)
-    loss.backward()
-    assert calls == [1, 1, 1]  # a task a call
-    expected, acc = whole.tasks_loss(ep)  # every task in one call, one backward
-    expected.backward()
-    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(metrics["loss"], expected.detach(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(metrics["acc"], acc)
-    for (name, p), q in zip(net.named_parameters(), whole.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-13, msg=name)
-    moved = 0
-    for (name, a), b in zip(net.named_buffers(), whole.buffers(), strict=True):
-        if a.is_floating_point():
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
-            moved += int(not torch.equal(a, model().get_buffer(name)))
-    assert moved == 12  # mean and variance of 6 layers: the backbone's 4 and the relation module's 2
+    assert_step_equals_one_call(net, random_episode())
+    assert calls == [1, 1, 1, 3]  # a task a call; then the one call of every task
 
 
 def trained_a_little(net: RelationNet, ep: Episode) -> RelationNet:
