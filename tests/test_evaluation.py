@@ -92,7 +92,9 @@ class AutocastProbe(torch.nn.Module):
 @pytest.mark.parametrize(("precision", "dtype"), [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_episodes_are_scored_under_the_precisions_autocast(precision, dtype):
     sampler = Sinusoid().sampler("test", ways=1, shots=5, queries=5, seed=0, device="cpu")
-    scores = score_episodes(AutocastProbe(dtype), sampler, episodes=5, seed=1, batch_tasks=2, bn_mode="transductive", precision=precision)
+    scores = score_episodes(
+        AutocastProbe(dtype), sampler, episodes=5, seed=1, batch_tasks=2, bn_mode="transductive", precision=precision
+    )
     assert scores.tolist() == [1.0] * 5
 
 

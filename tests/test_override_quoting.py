@@ -40,7 +40,7 @@ def test_an_unreadable_value_gets_one_line_with_its_quoted_form(command, key, ex
 
 
 def test_the_quoted_form_carries_quotes_and_backslashes_through_bash():
-    value = "it's \"ü\" a\\b"
+    value = 'it\'s "ü" a\\b'
     out = run_cli("train", "dataset=folder", f"dataset.path={value}", "logger=none")
     assert out.returncode == 2, out.stderr
     again = run_cli("train", "dataset=folder", *suggested(out.stderr), "logger=none")
@@ -60,7 +60,9 @@ def test_quoted_paths_train_evaluate_and_resume(tmp_path, tiny):
     assert trained.returncode == 0, trained.stderr
     assert (root / ".metarun-cache").exists() or any(root.rglob("*")), "the glyphs cache went somewhere else"
     assert (run / "eval.json").is_file()
-    evaluated = run_cli("eval", f"checkpoint={quoted['run']}", "eval.episodes=4", "logger=none", f"hydra.run.dir={tmp_path / 'e'}")
+    evaluated = run_cli(
+        "eval", f"checkpoint={quoted['run']}", "eval.episodes=4", "logger=none", f"hydra.run.dir={tmp_path / 'e'}"
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     resumed = run_cli("train", f"resume={quoted['run']}", f"hydra.run.dir={tmp_path / 'r'}")
     assert resumed.returncode == 0, resumed.stderr

@@ -123,7 +123,12 @@ def test_episodes_come_from_the_requested_split_only(split, ways, shots, queries
         numbered.images[:, :, 0] += 10 * offset
         splits[name] = numbered
     sampler = build_sampler(
-        FewShotDataset("numbered", splits, (0.5, 0.5), (0.25, 0.25)), split, ways=ways, shots=shots, queries=queries, seed=seed,
+        FewShotDataset("numbered", splits, (0.5, 0.5), (0.25, 0.25)),
+        split,
+        ways=ways,
+        shots=shots,
+        queries=queries,
+        seed=seed,
         device=torch.device("cpu"),
     )
     ep = sampler.sample(3)

@@ -100,10 +100,14 @@ def test_shards_see_the_tasks_one_process_would(augment: bool) -> None:
 
 
 def test_pretraining_batches_label_classes_across_sources() -> None:
-    sampler = build_sampler(dataset(weights=(1.0, 0.0, 0.0)), "train", ways=3, shots=1, queries=1, seed=0, device=torch.device("cpu"))
+    sampler = build_sampler(
+        dataset(weights=(1.0, 0.0, 0.0)), "train", ways=3, shots=1, queries=1, seed=0, device=torch.device("cpu")
+    )
     batch = sampler.sample_images(16)
     assert batch.y.max() < 6  # the first source's classes: 0-5
-    sampler = build_sampler(dataset(weights=(0.0, 0.0, 1.0)), "train", ways=3, shots=1, queries=1, seed=0, device=torch.device("cpu"))
+    sampler = build_sampler(
+        dataset(weights=(0.0, 0.0, 1.0)), "train", ways=3, shots=1, queries=1, seed=0, device=torch.device("cpu")
+    )
     batch = sampler.sample_images(16)
     assert batch.y.min() >= 12 and batch.y.max() < 18  # the third source's: after 6 + 6
     assert torch.equal(pixel_values(batch.x[:, 0, 0, 0]).long() + 12, batch.y)
