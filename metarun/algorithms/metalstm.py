@@ -185,7 +185,7 @@ class MetaLSTM(FunctionalLearner):
             # memory-bound, so bf16 only adds conversions, and would round the gates that scale every update
             with torch.autocast(c.device.type, enabled=False):
                 # the inputs: each coordinate's preprocessed gradient, and the task's preprocessed loss that all share
-                g, shared = g.to(c.dtype), preprocess(loss.to(c.dtype).unsqueeze(-1))  # [..., 1, 2]
+                shared = preprocess(loss.to(c.dtype).unsqueeze(-1))  # [..., 1, 2]; g is already in c's dtype
                 h, cell = lstm_cell(
                     preprocess(g), shared, h, cell, lstm["weight_ih"], lstm["weight_hh"], lstm["bias_ih"], lstm["bias_hh"]
                 )
