@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import metarun.bench.timing
 from metarun.bench.timing import MAX_ROUNDS, measure
@@ -78,14 +79,16 @@ def test_bad_round_counts_are_refused_in_one_line(args, tmp_path):
 
 
 def test_evaluation_targets_depend_on_the_reference():
-    """3x against a plain reference scoring one episode a call; an algorithm timed against its own code one
-    episode a call (the model-based and the metric classics) must only not be slower."""
-    from metarun.bench.shapes import ALGORITHMS, target
+    """3x against a plain reference scoring one episode a call, where the package batches episodes; where the
+    package scores one a call on a CPU too (matching and relation networks), or is timed against its own code
+    one episode a call (the model-based learners), it must only not be slower."""
+    from metarun.bench.shapes import ALGORITHMS, BATCHED_EVALUATION, target
 
-    for name in ALGORITHMS:
+    for name in BATCHED_EVALUATION:
         assert target(name, "eval_episodes_per_s", "omniglot-5w1s15q") == (">=", 3.0)
     for name in ("leo", "weightgen", "incontext", "metalstm", "matching", "relation"):
         assert target(name, "eval_episodes_per_s", "omniglot-5w1s15q") == (">=", 1.0)
+    assert set(BATCHED_EVALUATION) < set(ALGORITHMS)
 
 
 def test_the_references_run_plain_torch_pooling():
@@ -99,3 +102,141 @@ def test_the_references_run_plain_torch_pooling():
     assert len(pools) == 4 and all(type(m) is torch.nn.MaxPool2d for m in pools)
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(copy(x), conv4(x), rtol=0, atol=0)
+
+
+def test_the_references_run_nchw_whatever_layout_the_package_runs():
+    """A one-channel convolution's channels_last weight is contiguous too, and its strides alone would make a
+    copy run channels_last (Omniglot's first layer): the copy's weights must have the standard strides."""
+    from metarun.bench.references import plain_copy
+    from metarun.models.conv4 import Conv4
+
+    conv4 = Conv4((1, 28, 28)).to(memory_format=torch.channels_last)
+    first = conv4.features[0][0]
+    assert first.weight.is_contiguous() and first.weight.stride() != (9, 9, 3, 1)
+    copy = plain_copy(conv4)
+    x = torch.randn(3, 1, 28, 28)
+    assert not copy.features[0](x).is_contiguous(memory_format=torch.channels_last)
+    assert all(p.stride() == torch.empty(p.shape).stride() for p in copy.parameters())
+
+
+def test_the_references_run_plain_torch_batch_norm_that_follows_eval():
+    """metarun's batch norm keeps batch statistics in ``.eval()`` unless told otherwise; the references' copy is
+    torch's, whose ``.eval()`` uses the running statistics it was given."""
+    from metarun.bench.references import plain_copy
+    from metarun.models.conv4 import Conv4
+    from metarun.models.norm import EpisodeBatchNorm, norm_statistics
+
+    conv4 = Conv4((1, 28, 28))
+    x = torch.randn(6, 1, 28, 28)
+    conv4.train()(x)  # the running statistics move away from their initial values
+    copy = plain_copy(conv4)
+    assert not any(isinstance(m, EpisodeBatchNorm) for m in copy.modules())
+    assert sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in copy.modules()) == 4
+    torch.testing.assert_close(copy.train()(x), conv4(x), rtol=1e-6, atol=1e-6)
+    with norm_statistics(conv4, "running"):
+        torch.testing.assert_close(copy.eval()(x), conv4.eval()(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["relation", "matching"])
+def test_the_metric_references_compute_the_package_loss_and_gradients(name):
+    """The per-episode references of matching and relation networks against the package's batched loss."""
+    from metarun.algorithms.matching import MatchingNet
+    from metarun.algorithms.relation import RelationNet
+    from metarun.bench import references as ref
+    from metarun.data.episodes import Episode
+    from metarun.models.conv4 import Conv4
+
+    torch.manual_seed(0)
+    backbone = Conv4((1, 28, 28), hidden=8)
+    if name == "relation":
+        net, reference = RelationNet(backbone, ways=4, channels=6, hidden=5), ref.RelationReference
+    else:
+        net, reference = MatchingNet(backbone, ways=4), ref.MatchingReference
+    net.train()
+    copy = reference(net, lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([2, 0, 1, 3, 0, 2, 1, 3])  # two shots a class, in no particular order
+    episode = Episode(
+        torch.randn(3, 8, 1, 28, 28, generator=g), labels.expand(3, -1),
+        torch.randn(3, 12, 1, 28, 28, generator=g), torch.arange(4).repeat(3).expand(3, -1), 4,
+    )  # fmt: skip
+    loss, _ = net.tasks_loss(episode)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    expected = torch.stack([copy.loss(episode, t) for t in range(3)]).mean()
+    params = [p for opt_group in copy.optimizer.param_groups for p in opt_group["params"]]
+    expected_grads = torch.autograd.grad(expected, params)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert len(grads) == len(expected_grads)
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    assert grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["incontext", "weightgen"])
+def test_the_evaluation_references_score_as_the_package(name):
+    """The per-episode evaluation references of the in-context learner and the weight generator against the
+    package's batched logits, with running statistics that have moved."""
+    from metarun.algorithms.incontext import InContext
+    from metarun.algorithms.weightgen import WeightGen
+    from metarun.bench import references as ref
+    from metarun.data.episodes import Episode
+    from metarun.models.conv4 import Conv4
+
+    torch.manual_seed(0)
+    backbone = Conv4((1, 28, 28), hidden=8)
+    if name == "incontext":
+        net = InContext(backbone, ways=4, d_model=16, heads=2, max_ways=6)
+    else:
+        net = WeightGen(backbone, ways=4, num_train_classes=7, pretrain_steps=0)
+        with torch.no_grad():  # away from their initial values, so that each takes part
+            for p in (net.phi_avg, net.phi_att, net.keys):
+                p.mul_(torch.rand_like(p) + 0.5)
+    g = torch.Generator().manual_seed(1)
+    net.backbone.train()(torch.randn(10, 1, 28, 28, generator=g) * 2 + 1)  # running statistics away from (0, 1)
+    net.eval()
+    episode = Episode(
+        torch.randn(3, 8, 1, 28, 28, generator=g), torch.tensor([2, 0, 1, 3, 0, 2, 1, 3]).expand(3, -1),
+        torch.randn(3, 12, 1, 28, 28, generator=g), torch.arange(4).repeat(3).expand(3, -1), 4,
+    )  # fmt: skip
+    reference = ref.InContextReference(net, lr=1e-3) if name == "incontext" else ref.EVALUATION_REFERENCES[name](net)
+    for m in getattr(reference, "modules", ()):
+        m.eval()
+    got = net.predict_logits(episode, "running")
+    with torch.no_grad():
+        expected = torch.stack([reference.logits(episode, t) for t in range(3)])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert expected.std() > 0.01  # logits that tell the classes apart
+
+
+def test_the_incontext_reference_computes_the_package_training_loss_and_gradients():
+    """The in-context learner's per-episode reference against the package's batched logits in training (batch
+    statistics, support and query each their own), with each task's own label embeddings."""
+    from metarun.algorithms.incontext import InContext
+    from metarun.algorithms.task_batching import fold_features
+    from metarun.bench import references as ref
+    from metarun.data.episodes import Episode
+    from metarun.models.conv4 import Conv4
+
+    torch.manual_seed(0)
+    net = InContext(Conv4((1, 28, 28), hidden=8), ways=4, d_model=16, heads=2, max_ways=6).train()
+    reference = ref.InContextReference(net, lr=1e-3)
+    for m in reference.modules:
+        m.train()
+    g = torch.Generator().manual_seed(1)
+    episode = Episode(
+        torch.randn(3, 8, 1, 28, 28, generator=g), torch.tensor([2, 0, 1, 3, 0, 2, 1, 3]).expand(3, -1),
+        torch.randn(3, 12, 1, 28, 28, generator=g), torch.arange(4).repeat(3).expand(3, -1), 4,
+    )  # fmt: skip
+    ids = torch.stack([torch.randperm(6, generator=g)[:4] for _ in range(3)])
+    zs, zq = fold_features(net.backbone, episode.support_x, episode.query_x, "transductive")
+    logits = net.logits(zs, episode.support_y, zq, ids)
+    loss = F.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten())
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    expected = torch.stack([F.cross_entropy(reference.logits(episode, t, ids[t]), episode.query_y[t]) for t in range(3)]).mean()
+    params = [p for m in reference.modules for p in m.parameters()]
+    expected_grads = torch.autograd.grad(expected, params)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert len(grads) == len(expected_grads)
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    assert grads[0].abs().sum() > 0

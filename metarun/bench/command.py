@@ -381,8 +381,9 @@ class Bench:
     def bench_per_task(self, name: str, shape: Shape, settings: Settings, batch_tasks: int) -> None:
         """Algorithms without a hand-written reference (any ``conf/algo`` option not in :data:`ALGORITHMS`): the
         trainer's step on a meta-batch against the same step on one task at a time, and evaluation in calls of
-        ``batch_tasks`` episodes against one episode a call; what batching over tasks buys, with no second copy
-        of the algorithm to keep in step."""
+        ``batch_tasks`` episodes against one episode a call (what batching over tasks buys, with no second copy
+        of the algorithm to keep in step), or against plain per-episode code where the references have it
+        (:data:`~metarun.bench.references.EVALUATION_REFERENCES`)."""
         cfg = compose_run_config(name, shape, settings)
         dataset = self.dataset(shape)
         try:
@@ -422,19 +423,36 @@ class Bench:
                 precision=settings.precision,
             )  # fmt: skip
 
+        def reference(episodes: int = n) -> None:
+            score(1, episodes)
+
+        what = "same_code_one_episode"
+        if name in ref.EVALUATION_REFERENCES:  # plain per-episode code, as the hand-written references score
+            plain_scorer = ref.EVALUATION_REFERENCES[name](algorithm)
+            plain = self.sampler(shape, "test", Settings(), queries=15)
+            indices = fixed_episodes(plain, n, 1)
+            what = "one_episode_loop"
+
+            def reference(episodes: int = n) -> None:
+                for i in range(episodes):
+                    plain_scorer.score(plain.gather(indices[i : i + 1]))
+
         timing = measure(
-            {"fast": lambda: score(batch_tasks), "reference": lambda: score(1)}, self.repeats, min(self.warmup, 1),
-            self.device, {"fast": lambda: score(batch_tasks, batch_tasks), "reference": lambda: score(1, 2)},
+            {"fast": lambda: score(batch_tasks), "reference": reference}, self.repeats, min(self.warmup, 1),
+            self.device, {"fast": lambda: score(batch_tasks, batch_tasks), "reference": lambda: reference(2)},
             self.min_seconds,
         )  # fmt: skip
         f, s = timing["fast"], timing["reference"]
         self.add_rate(
             name, "eval_episodes_per_s", shape.name, count=n, fast=f, slow=s,
-            reference="same_code_one_episode", settings=f"{settings.describe()}, batch_tasks={batch_tasks}",
+            reference=what, settings=f"{settings.describe()}, batch_tasks={batch_tasks}",
         )  # fmt: skip
 
     def reference(self, name: str, algorithm, lr: float):
-        kind = {"protonet": ref.ProtoNetReference, "reptile": ref.ReptileReference, "finetune": ref.FinetuneReference}
+        kind = {
+            "protonet": ref.ProtoNetReference, "reptile": ref.ReptileReference, "finetune": ref.FinetuneReference,
+            "relation": ref.RelationReference, "matching": ref.MatchingReference, "incontext": ref.InContextReference,
+        }  # fmt: skip
         return kind.get(name, ref.MAMLReference)(algorithm, lr)
 
     # -- evaluation ----------------------------------------------------------------------------

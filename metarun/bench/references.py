@@ -7,8 +7,11 @@ image per ``__getitem__`` through an episode batch sampler and a
 ``DataLoader``; per-task MAML in learn2learn's idiom (fast weights from
 ``torch.autograd.grad(create_graph=not first_order)``, the query loss
 back-propagated per task and accumulated); per-task Reptile with a copied model
-and its own optimiser; eager fp32 ProtoNet and pre-training steps; evaluation
-loops that score one episode at a time. None of them shares code with the
+and its own optimiser; eager fp32 ProtoNet, matching networks, the
+in-context learner and pre-training steps; relation networks as their paper's code scores every
+(query, class) pair's concatenated maps; evaluation loops that score one
+episode at a time (for the weight generator too, whose training is timed
+against its own code one task a step). None of them shares code with the
 algorithms it is compared to, so a speed-up cannot come from a shortcut both
 take. They compute the same quantities as the package (the tests check the
 gradients), on their own copy of the model, in fp32 and contiguous memory.
@@ -169,12 +172,22 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+class TorchBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """torch's own batch norm (``nn.BatchNorm1d`` / ``2d``'s forward) for inputs of any of their shapes."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        pass
+
+
 def plain_copy(module: nn.Module) -> nn.Module:
     """An fp32, contiguous copy (the reference never sees channels_last or reduced precision), its pooling
-    torch's own ``nn.MaxPool2d``, as plain code has it, not metarun's faster CPU layer."""
+    torch's own ``nn.MaxPool2d`` and its batch norm torch's own, as plain code has them, not metarun's layers
+    (a faster CPU pooling; batch norm over task groups, whose statistics do not follow ``.eval()``)."""
     out = copy.deepcopy(module).float()
     for p in out.parameters():
-        p.data = p.data.contiguous()
+        # not .contiguous(): a one-channel conv's channels_last weight is already contiguous, and its strides would
+        # still make the convolution, and every layer after it, run channels_last
+        p.data = p.data.clone(memory_format=torch.contiguous_format)
     for parent in list(out.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.MaxPool2d) and type(child) is not nn.MaxPool2d:
@@ -182,6 +195,12 @@ def plain_copy(module: nn.Module) -> nn.Module:
                     child.kernel_size, child.stride, child.padding, child.dilation, ceil_mode=child.ceil_mode
                 )
                 setattr(parent, name, torch_pool)
+            elif isinstance(child, nn.modules.batchnorm._BatchNorm) and not type(child).__module__.startswith("torch."):
+                torch_norm = TorchBatchNorm(
+                    child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+                )
+                torch_norm.load_state_dict(child.state_dict())
+                setattr(parent, name, torch_norm.train(child.training))
     return out
 
 
@@ -218,6 +237,166 @@ class ProtoNetReference:
         with torch.no_grad():
             xs, ys, xq, yq = task(episode, 0)
             return (self.logits(xs, ys, xq, episode.ways).argmax(-1) == yq).float().mean().item()
+
+
+# -- relation and matching networks ----------------------------------------------------------
+class RelationReference:
+    """Relation networks one episode at a time, as the paper's code (floodsung/LearningToCompare_FSL) runs them:
+    support and query embedded by two calls, each class's maps summed, every (query, class) pair's maps
+    concatenated and scored by the relation module, the MSE against the one-hot labels back-propagated per task."""
+
+    def __init__(self, algorithm, lr: float) -> None:
+        from metarun.algorithms.relation import map_layers  # which of the backbone's layers keep feature maps
+
+        self.embedding = plain_copy(nn.Sequential(*map_layers(algorithm.backbone, algorithm.unpooled_blocks)[0]))
+        r = plain_copy(algorithm.relation)
+        self.relation = nn.Sequential(
+            r.conv1, r.norm1, nn.ReLU(), nn.MaxPool2d(2), r.conv2, r.norm2, nn.ReLU(), nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(), r.fc1, nn.ReLU(), r.fc2, nn.Sigmoid(),
+        )  # fmt: skip
+        self.optimizer = torch.optim.Adam([*self.embedding.parameters(), *self.relation.parameters()], lr=lr)
+
+    def scores(self, xs, ys, xq, ways: int) -> torch.Tensor:
+        """``[queries, ways]`` relation scores."""
+        zs, zq = self.embedding(xs), self.embedding(xq)
+        classes = zs.new_zeros(ways, *zs.shape[1:]).index_add(0, ys, zs)
+        nq = zq.shape[0]
+        pairs = torch.cat([classes[None].expand(nq, -1, -1, -1, -1), zq[:, None].expand(-1, ways, -1, -1, -1)], 2)
+        return self.relation(pairs.flatten(0, 1)).view(nq, ways)
+
+    def loss(self, episode: Episode, t: int) -> torch.Tensor:
+        xs, ys, xq, yq = task(episode, t)
+        return F.mse_loss(self.scores(xs, ys, xq, episode.ways), F.one_hot(yq, episode.ways).float())
+
+    def step(self, episode: Episode) -> None:
+        self.embedding.train(), self.relation.train()
+        self.optimizer.zero_grad()
+        for t in range(episode.num_tasks):
+            (self.loss(episode, t) / episode.num_tasks).backward()
+        self.optimizer.step()
+
+    def score(self, episode: Episode) -> float:
+        """Accuracy of one episode in training mode, as the paper's code tests (batch statistics)."""
+        with torch.no_grad():
+            xs, ys, xq, yq = task(episode, 0)
+            return (self.scores(xs, ys, xq, episode.ways).argmax(-1) == yq).float().mean().item()
+
+
+class MatchingReference:
+    """Matching networks one episode at a time, without full-context embeddings: each query's attention, a softmax
+    over its cosine similarities to the support embeddings, mixes the one-hot support labels; the negative log of
+    the true class's share is back-propagated per task."""
+
+    def __init__(self, algorithm, lr: float) -> None:
+        if algorithm.context is not None:
+            raise ValueError("the matching networks reference has no full-context embeddings (algo.fce=false)")
+        self.backbone, self.scale = plain_copy(algorithm.backbone), algorithm.scale
+        self.optimizer = torch.optim.Adam(self.backbone.parameters(), lr=lr)
+
+    def probabilities(self, g: torch.Tensor, ys: torch.Tensor, f: torch.Tensor, ways: int) -> torch.Tensor:
+        attention = torch.softmax(self.scale * F.normalize(f, dim=1) @ F.normalize(g, dim=1).T, 1)
+        return attention @ F.one_hot(ys, ways).float()
+
+    def loss(self, episode: Episode, t: int) -> torch.Tensor:
+        xs, ys, xq, yq = task(episode, t)
+        return F.nll_loss(self.probabilities(self.backbone(xs), ys, self.backbone(xq), episode.ways).log(), yq)
+
+    def step(self, episode: Episode) -> None:
+        self.backbone.train()
+        self.optimizer.zero_grad()
+        for t in range(episode.num_tasks):
+            (self.loss(episode, t) / episode.num_tasks).backward()
+        self.optimizer.step()
+
+    def score(self, episode: Episode) -> float:
+        """Accuracy of one episode with the model in eval mode (running statistics)."""
+        self.backbone.eval()
+        with torch.no_grad():
+            xs, ys, xq, yq = task(episode, 0)
+            z = self.backbone(torch.cat([xs, xq]))
+            probabilities = self.probabilities(z[: len(xs)], ys, z[len(xs) :], episode.ways)
+            return (probabilities.argmax(-1) == yq).float().mean().item()
+
+
+# -- evaluation of the model-based learners -----------------------------------------------------
+class InContextReference:
+    """The in-context learner one episode at a time: the episode's support tokens (features projected and
+    concatenated with their labels' embeddings) and query tokens (with the unknown label's) through the
+    Transformer, each query seeing the support set and itself; its read-out scored against the classes'
+    embeddings. In training each task draws its own label embeddings and its loss is back-propagated on its own."""
+
+    def __init__(self, algorithm, lr: float) -> None:
+        self.backbone, self.project, self.labels, self.encoder, self.readout = (
+            plain_copy(m) for m in (algorithm.backbone, algorithm.project, algorithm.labels, algorithm.encoder, algorithm.readout)
+        )  # fmt: skip
+        self.modules = (self.backbone, self.project, self.labels, self.encoder, self.readout)
+        self.unknown = algorithm.max_ways
+        self.optimizer = torch.optim.Adam([p for m in self.modules for p in m.parameters()], lr=lr)
+
+    def logits(self, episode: Episode, t: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``[queries, ways]``; class ``c`` uses label embedding ``ids[c]`` (default: ``c``)."""
+        xs, ys, xq, _ = task(episode, t)
+        ids = torch.arange(episode.ways, device=xs.device) if ids is None else ids
+        ns, n = len(xs), len(xs) + len(xq)
+        if self.backbone.training:  # support and query with their own batch statistics, as two calls
+            z = torch.cat([self.backbone(xs), self.backbone(xq)])
+        else:
+            z = self.backbone(torch.cat([xs, xq]))
+        labels = torch.cat([ids[ys], torch.full((n - ns,), self.unknown, device=ys.device)])
+        tokens = torch.cat([self.project(z), self.labels(labels)], 1)
+        blocked = torch.ones(n, n, dtype=torch.bool, device=z.device)
+        blocked[:, :ns] = False
+        blocked.fill_diagonal_(False)
+        out = self.encoder(tokens[None], mask=blocked)[0, ns:]
+        return self.readout(out) @ self.labels(ids).T
+
+    def step(self, episode: Episode) -> None:
+        for m in self.modules:
+            m.train()
+        self.optimizer.zero_grad()
+        for t in range(episode.num_tasks):
+            ids = torch.randperm(self.unknown)[: episode.ways]
+            loss = F.cross_entropy(self.logits(episode, t, ids), episode.query_y[t])
+            (loss / episode.num_tasks).backward()
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def score(self, episode: Episode) -> float:
+        for m in self.modules:
+            m.eval()
+        return (self.logits(episode, 0).argmax(-1) == episode.query_y[0]).float().mean().item()
+
+
+class WeightGenReference:
+    """The weight generator's evaluation one episode at a time: each novel class's weight, its support features'
+    mean plus their mean attention over the base classes' weights, in a cosine classifier of the queries."""
+
+    def __init__(self, algorithm) -> None:
+        self.backbone, self.query = plain_copy(algorithm.backbone).eval(), plain_copy(algorithm.query)
+        a = algorithm
+        self.keys, self.base, self.phi_avg, self.phi_att = (
+            p.detach().float().clone() for p in (a.keys, a.classifier.weight, a.phi_avg, a.phi_att)
+        )
+        self.gamma, self.scale = a.attention_scale.item(), a.cosine_scale.item()
+
+    def logits(self, episode: Episode, t: int) -> torch.Tensor:
+        xs, ys, xq, _ = task(episode, t)
+        z = self.backbone(torch.cat([xs, xq]))
+        zs, zq = F.normalize(z[: len(xs)], dim=1), z[len(xs) :]
+        attention = torch.softmax(self.gamma * F.normalize(self.query(zs), dim=1) @ F.normalize(self.keys, dim=1).T, 1)
+        attended = attention @ F.normalize(self.base, dim=1)
+        novel = torch.stack(
+            [self.phi_avg * zs[ys == c].mean(0) + self.phi_att * attended[ys == c].mean(0) for c in range(episode.ways)]
+        )
+        return self.scale * F.normalize(zq, dim=1) @ F.normalize(novel, dim=1).T
+
+    @torch.no_grad()
+    def score(self, episode: Episode) -> float:
+        return (self.logits(episode, 0).argmax(-1) == episode.query_y[0]).float().mean().item()
+
+
+#: algorithms timed against their own code in training, whose evaluation has a plain per-episode reference
+EVALUATION_REFERENCES = {"weightgen": WeightGenReference}
 
 
 # -- the MAML family ----------------------------------------------------------------------------
