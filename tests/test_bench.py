@@ -240,3 +240,66 @@ def test_the_incontext_reference_computes_the_package_training_loss_and_gradient
     for a, b in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
     assert grads[0].abs().sum() > 0
+
+
+def test_the_metalstm_reference_computes_the_package_meta_loss_and_gradients():
+    """Meta-LSTM's per-episode reference (one flat weight vector through ``nn.LSTMCell``, queries on the support
+    set's statistics) against the package's meta-gradient, with gates away from their saturated start."""
+    from metarun.algorithms.metalstm import MetaLSTM
+    from metarun.bench import references as ref
+    from metarun.data.episodes import Episode
+    from metarun.models.conv4 import Conv4
+
+    torch.manual_seed(0)
+    net = MetaLSTM(Conv4((1, 12, 12), hidden=3, layers=2), 3, inner_steps=3, hidden=4)
+    with torch.no_grad():
+        net.input.bias.fill_(-1.0)
+        net.forget.bias.fill_(1.0)
+        for p in [*net.lstm.parameters(), net.input.weight, net.forget.weight]:
+            p.normal_(0.0, 0.5)
+    net.train()
+    reference = ref.MetaLSTMReference(net, lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    episode = Episode(
+        torch.randn(2, 6, 1, 12, 12, generator=g), torch.tensor([2, 0, 1, 1, 0, 2]).expand(2, -1),
+        torch.randn(2, 6, 1, 12, 12, generator=g), torch.arange(3).repeat(2).expand(2, -1), 3,
+    )  # fmt: skip
+    surrogate, metrics = net.training_loss(episode)
+    grads = torch.autograd.grad(surrogate, list(net.parameters()))
+    expected = torch.stack([reference.loss(episode, t) for t in range(2)]).mean()
+    expected_grads = torch.autograd.grad(expected, [p for group in reference.optimizer.param_groups for p in group["params"]])
+    torch.testing.assert_close(metrics["loss"], expected.detach(), rtol=1e-5, atol=1e-6)
+    assert len(grads) == len(expected_grads)
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads[-6:])  # the meta-learner is trained through the unroll
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_the_protomaml_reference_computes_the_package_meta_loss_and_gradients(first_order):
+    """Proto-MAML's per-task reference (MAML's loop from a prototype head) against the package's meta-gradient, in
+    float64 (at fp32 the inner steps' rounding alone moved single gradient entries by 0.4%)."""
+    from metarun.algorithms.protomaml import ProtoMAML
+    from metarun.bench import references as ref
+    from metarun.data.episodes import Episode
+    from metarun.models.conv4 import Conv4
+
+    torch.manual_seed(0)
+    net = ProtoMAML(Conv4((1, 12, 12), hidden=3, layers=2), 3, inner_lr=0.5, inner_steps=2, first_order=first_order)
+    net.double().train()
+    reference = ref.ProtoMAMLReference(net, lr=1e-3)
+    reference.model.double()
+    g = torch.Generator().manual_seed(1)
+    episode = Episode(
+        torch.randn(2, 6, 1, 12, 12, generator=g, dtype=torch.float64), torch.tensor([2, 0, 1, 1, 0, 2]).expand(2, -1),
+        torch.randn(2, 6, 1, 12, 12, generator=g, dtype=torch.float64), torch.arange(3).repeat(2).expand(2, -1), 3,
+    )  # fmt: skip
+    surrogate, metrics = net.training_loss(episode)
+    grads = torch.autograd.grad(surrogate, list(net.parameters()))
+    expected = torch.stack([reference.loss(episode, t) for t in range(2)]).mean()
+    expected_grads = torch.autograd.grad(expected, list(reference.model.backbone.parameters()))
+    torch.testing.assert_close(metrics["loss"], expected.detach(), rtol=1e-10, atol=1e-12)
+    assert len(grads) == len(expected_grads)
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert grads[0].abs().sum() > 0

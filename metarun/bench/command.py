@@ -371,7 +371,7 @@ class Bench:
         if name == "protonet":
             self.protonet_step[shape.name] = f
             gflops = flops(fast) / f.seconds / 1e9
-        what = "per_task_loop" if name in GRADIENT_BASED else "eager_fp32_per_task"
+        what = "per_task_loop" if name in GRADIENT_BASED or isinstance(reference, ref.MAMLReference) else "eager_fp32_per_task"
         self.add_rate(
             name, "tasks_per_s", shape.name, count=t, fast=f, slow=s,
             reference=what, settings=settings.describe(), gflop_per_s=gflops,
@@ -392,6 +392,8 @@ class Bench:
         except MetarunError as e:  # e.g. a two-stage learner that needs an earlier run's weights
             self.console.print(f"  {name:9s} skipped: {e}", highlight=False)
             return
+        if getattr(algorithm, "pretrain_steps", 0):  # two stages (the weight generator): time the one that meta-learns
+            algorithm.steps_taken.fill_(algorithm.pretrain_steps)
         if settings.channels_last:
             algorithm = algorithm.to(memory_format=torch.channels_last)
         algorithm.train()
@@ -452,6 +454,7 @@ class Bench:
         kind = {
             "protonet": ref.ProtoNetReference, "reptile": ref.ReptileReference, "finetune": ref.FinetuneReference,
             "relation": ref.RelationReference, "matching": ref.MatchingReference, "incontext": ref.InContextReference,
+            "metalstm": ref.MetaLSTMReference, "protomaml": ref.ProtoMAMLReference,
         }  # fmt: skip
         return kind.get(name, ref.MAMLReference)(algorithm, lr)
 

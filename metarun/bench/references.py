@@ -20,6 +20,7 @@ gradients), on their own copy of the model, in fp32 and contiguous memory.
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
+from metarun.algorithms.metalstm import preprocess  # the paper's elementwise preprocessing, not a shortcut
 from metarun.data.episodes import Episode
 from metarun.data.metadataset import PaddedEpisode
 from metarun.data.split import Split
@@ -318,6 +320,77 @@ class MatchingReference:
             return (probabilities.argmax(-1) == yq).float().mean().item()
 
 
+# -- Meta-LSTM ---------------------------------------------------------------------------------
+class MetaLSTMReference:
+    """Meta-LSTM one task at a time: the learner's weights one flat vector, the cell state of an ``nn.LSTMCell`` run
+    on every coordinate (its input the preprocessed gradient and loss, held constant as in the paper), each gate an
+    ``nn.Linear`` of ``[h, weight, previous gate]``; batch norm on the support set's statistics, for the queries too;
+    each task's query loss back-propagated on its own through the unroll."""
+
+    def __init__(self, algorithm, lr: float) -> None:
+        self.model = Classifier(plain_copy(algorithm.backbone), plain_copy(algorithm.head))
+        self.lstm, self.forget, self.input = (plain_copy(m) for m in (algorithm.lstm, algorithm.forget, algorithm.input))
+        self.steps = algorithm.inner_steps
+        self.layers = [(n, m) for n, m in self.model.named_modules() if not list(m.children())]
+        named = list(self.model.named_parameters())
+        self.names, self.shapes = [n for n, _ in named], [p.shape for _, p in named]
+        meta = [*self.model.parameters(), *self.lstm.parameters(), *self.forget.parameters(), *self.input.parameters()]
+        self.optimizer = torch.optim.Adam(meta, lr=lr)
+
+    def learner(self, w: dict, x: torch.Tensor, support: int) -> torch.Tensor:
+        """The learner's outputs with weights ``w`` (by name), batch norm on the first ``support`` samples' statistics."""
+        for name, m in self.layers:
+            if isinstance(m, nn.Conv2d):
+                x = F.conv2d(x, w[f"{name}.weight"], w.get(f"{name}.bias"), m.stride, m.padding)
+            elif isinstance(m, nn.Linear):
+                x = F.linear(x, w[f"{name}.weight"], w[f"{name}.bias"])
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm) and support == len(x):
+                x = F.batch_norm(x, None, None, w[f"{name}.weight"], w[f"{name}.bias"], True, 0.0, m.eps)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                shape = [1, -1] + [1] * (x.dim() - 2)
+                var, mean = torch.var_mean(x[:support], [0, *range(2, x.dim())], correction=0, keepdim=True)
+                x = (x - mean) * torch.rsqrt(var + m.eps) * w[f"{name}.weight"].view(shape) + w[f"{name}.bias"].view(shape)
+            else:
+                x = m(x)
+        return x
+
+    def unflatten(self, c: torch.Tensor) -> dict:
+        parts = c.split([math.prod(s) for s in self.shapes])
+        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+    def query_logits(self, xs, ys, xq, steps: int) -> torch.Tensor:
+        c = torch.cat([p.flatten() for p in self.model.parameters()])
+        n = c.numel()
+        h = cell = c.new_zeros(n, self.lstm.hidden_size)
+        f = i = c.new_zeros(n, 1)
+        for _ in range(steps):
+            with torch.enable_grad():
+                flat = c.detach().requires_grad_()
+                loss = F.cross_entropy(self.learner(self.unflatten(flat), xs, len(xs)), ys)
+                (g,) = torch.autograd.grad(loss, flat)
+            x = torch.cat([preprocess(g), preprocess(loss.detach()).expand(n, 2)], 1)
+            h, cell = self.lstm(x, (h, cell))
+            f = torch.sigmoid(self.forget(torch.cat([h, c[:, None], f], 1)))
+            i = torch.sigmoid(self.input(torch.cat([h, c[:, None], i], 1)))
+            c = f[:, 0] * c - i[:, 0] * g
+        return self.learner(self.unflatten(c), torch.cat([xs, xq]), len(xs))[len(xs) :]
+
+    def loss(self, episode: Episode, t: int) -> torch.Tensor:
+        xs, ys, xq, yq = task(episode, t)
+        return F.cross_entropy(self.query_logits(xs, ys, xq, self.steps), yq)
+
+    def step(self, episode: Episode) -> None:
+        self.optimizer.zero_grad()
+        for t in range(episode.num_tasks):
+            (self.loss(episode, t) / episode.num_tasks).backward()
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def score(self, episode: Episode) -> float:
+        xs, ys, xq, yq = task(episode, 0)
+        return (self.query_logits(xs, ys, xq, self.steps).argmax(-1) == yq).float().mean().item()
+
+
 # -- evaluation of the model-based learners -----------------------------------------------------
 class InContextReference:
     """The in-context learner one episode at a time: the episode's support tokens (features projected and
@@ -477,6 +550,49 @@ class MAMLReference:
         xs, ys, xq, yq = task(episode, 0)
         params = {n: p.detach().requires_grad_() for n, p in self.model.named_parameters()}
         fast = maml_adapt(self.model, params, xs, ys, steps=self.inner_steps_eval, create_graph=False, **self.options())
+        with torch.no_grad():
+            return (functional_call(self.model, fast, (xq,)).argmax(-1) == yq).float().mean().item()
+
+
+class ProtoMAMLReference(MAMLReference):
+    """Per-task Proto-MAML (first order by default, as the paper's fo-Proto-MAML): MAML's loop whose head is made for
+    each task from its support set's prototypes (``W = 2 c``, ``b = -||c||²``) and then adapted with the backbone as
+    a weight of its own; the meta-gradient reaches the backbone through the prototypes too."""
+
+    def __init__(self, algorithm, lr: float) -> None:
+        backbone = plain_copy(algorithm.backbone)
+        self.model = Classifier(backbone, nn.Linear(backbone.out_features, 1))  # each task's head replaces its weights
+        self.inner_lr, self.first_order = algorithm.inner_lr, algorithm.first_order
+        self.inner_steps, self.inner_steps_eval = algorithm.inner_steps, algorithm.inner_steps_eval
+        self.head_only, self.lrs = False, None
+        self.optimizer = torch.optim.Adam(backbone.parameters(), lr=lr)
+
+    def adapted(self, params: dict, xs, ys, ways: int, *, steps: int, create_graph: bool) -> dict:
+        z = functional_call(self.model.backbone, {k[9:]: v for k, v in params.items()}, (xs,))
+        protos = torch.stack([z[ys == c].mean(0) for c in range(ways)])
+        # views: the inner gradient of the backbone holds the head fixed, not following the path through it
+        start = {**{k: v.view_as(v) for k, v in params.items()}, "head.weight": 2 * protos, "head.bias": -protos.square().sum(1)}
+        return maml_adapt(self.model, start, xs, ys, steps=steps, create_graph=create_graph, **self.options())
+
+    def loss(self, episode: Episode, t: int) -> torch.Tensor:
+        xs, ys, xq, yq = task(episode, t)
+        params = dict(self.model.backbone.named_parameters(prefix="backbone"))
+        fast = self.adapted(params, xs, ys, episode.ways, steps=self.inner_steps, create_graph=not self.first_order)
+        return F.cross_entropy(functional_call(self.model, fast, (xq,)), yq)
+
+    def step(self, episode: Episode) -> None:
+        self.model.train()
+        self.optimizer.zero_grad()
+        for t in range(episode.num_tasks):
+            (self.loss(episode, t) / episode.num_tasks).backward()
+        self.optimizer.step()
+
+    def score(self, episode: Episode) -> float:
+        """Accuracy of one episode after ``inner_steps_eval`` steps (batch statistics for support and query)."""
+        self.model.train()
+        xs, ys, xq, yq = task(episode, 0)
+        params = {n: p.detach().requires_grad_() for n, p in self.model.backbone.named_parameters(prefix="backbone")}
+        fast = self.adapted(params, xs, ys, episode.ways, steps=self.inner_steps_eval, create_graph=False)
         with torch.no_grad():
             return (functional_call(self.model, fast, (xq,)).argmax(-1) == yq).float().mean().item()
 

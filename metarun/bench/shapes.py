@@ -10,7 +10,7 @@ from metarun.speed_settings import AUTO, FUSED_MIN_STEPS, SpeedSettings, resolve
 
 GRADIENT_BASED = ("maml", "fomaml", "anil", "metasgd", "reptile")
 #: the algorithms with a reference of their own (:mod:`metarun.bench.references`), in the order they are measured
-ALGORITHMS = (*GRADIENT_BASED, "protonet", "finetune", "matching", "relation", "incontext")
+ALGORITHMS = (*GRADIENT_BASED, "protonet", "finetune", "matching", "relation", "incontext", "metalstm", "protomaml")
 #: the algorithms whose evaluation batches episodes into one call: 3x a reference scoring one a call
 BATCHED_EVALUATION = (*GRADIENT_BASED, "protonet", "finetune")
 
