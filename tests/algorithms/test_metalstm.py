@@ -133,6 +133,49 @@ def test_a_grouped_call_of_a_training_step_takes_one_task_on_a_cpu_and_every_tas
     assert sizes == [1]
 
 
+@pytest.mark.parametrize("first_step", [True, False])
+def test_the_in_place_update_of_evaluation_equals_the_differentiable_one(first_step):
+    """Without gradients the meta-learner's step runs in place (one sigmoid, the cell gate's tanh as 2σ(2x) - 1): the
+    same numbers as :func:`meta_update` in float64, its inputs untouched; at the first step of a grouped call the
+    state is one learner's, broadcast over the tasks."""
+    from metarun.algorithms.metalstm import meta_update, meta_update_in_place
+
+    model = build()
+    g = torch.Generator().manual_seed(3)
+    tasks, n, hidden = 3, 11, model.hidden
+    lead = () if first_step else (tasks,)
+    state = [
+        torch.randn(*lead, n, hidden, generator=g, dtype=torch.float64),  # h
+        torch.randn(*lead, n, hidden, generator=g, dtype=torch.float64),  # cell
+        torch.rand(*lead, n, generator=g, dtype=torch.float64),  # f
+        torch.rand(*lead, n, generator=g, dtype=torch.float64),  # i
+        torch.randn(*lead, n, generator=g, dtype=torch.float64),  # c
+    ]
+    grad = torch.randn(tasks, n, generator=g, dtype=torch.float64) * 1e-3
+    shared = preprocess(torch.rand(tasks, 1, generator=g, dtype=torch.float64))
+    meta = model.meta_parameters()
+    before = [t.clone() for t in (*state, grad, shared)]
+    with torch.no_grad():
+        expected = meta_update(grad, shared, *state, meta["lstm"], meta["gates"])
+        got = meta_update_in_place(grad, shared, *state, meta["lstm"], meta["gates"])
+    for a, b in zip(got, expected, strict=True):
+        assert a.shape == b.shape == (tasks, *b.shape[1:])
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for a, b in zip((*state, grad, shared), before, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "loop", "vmap"])
+def test_evaluation_scores_as_with_the_differentiable_update(monkeypatch, strategy):
+    import metarun.algorithms.metalstm as metalstm
+
+    ep = random_episode(tasks=3)
+    model = build(strategy=strategy).eval()
+    got = model.predict_logits(ep, "support")
+    monkeypatch.setattr(metalstm, "meta_update_in_place", metalstm.meta_update)
+    torch.testing.assert_close(got, model.predict_logits(ep, "support"), rtol=1e-10, atol=1e-12)
+
+
 def test_second_order_changes_the_meta_gradient():
     ep = random_episode()
     grads = []
