@@ -14,6 +14,20 @@ from tests.conftest import run_cli
 RESULT_KEYS = {"name", "metric", "value", "reference", "reference_value", "ratio", "peak_mem_mb", "shape", "target", "met"}
 
 
+def assert_same_gradients(loss, params, expected, expected_params, *, value=None, rtol=1e-3, atol=1e-6) -> tuple:
+    """``loss``'s gradients (of the package) against ``expected``'s (of a reference), parameter by parameter, and
+    ``value`` (the loss itself unless a surrogate's value differs) against ``expected``; the first gradient non-zero.
+    Returns the gradients."""
+    grads = torch.autograd.grad(loss, params)
+    expected_grads = torch.autograd.grad(expected, expected_params)
+    torch.testing.assert_close(loss.detach() if value is None else value, expected.detach(), rtol=rtol * 1e-2, atol=atol)
+    assert len(grads) == len(expected_grads)
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    assert grads[0].abs().sum() > 0
+    return grads
+
+
 def test_a_quick_sampler_bench_writes_the_documented_json_and_table(tmp_path):
     done = run_cli("bench", "--quick", "--only", "sampler", "--repeats", "1", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
@@ -161,15 +175,9 @@ def test_the_metric_references_compute_the_package_loss_and_gradients(name):
         torch.randn(3, 12, 1, 28, 28, generator=g), torch.arange(4).repeat(3).expand(3, -1), 4,
     )  # fmt: skip
     loss, _ = net.tasks_loss(episode)
-    grads = torch.autograd.grad(loss, list(net.parameters()))
     expected = torch.stack([copy.loss(episode, t) for t in range(3)]).mean()
     params = [p for opt_group in copy.optimizer.param_groups for p in opt_group["params"]]
-    expected_grads = torch.autograd.grad(expected, params)
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    assert len(grads) == len(expected_grads)
-    for a, b in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
-    assert grads[0].abs().sum() > 0
+    assert_same_gradients(loss, list(net.parameters()), expected, params)
 
 
 @pytest.mark.parametrize("name", ["incontext", "weightgen"])
@@ -231,15 +239,9 @@ def test_the_incontext_reference_computes_the_package_training_loss_and_gradient
     zs, zq = fold_features(net.backbone, episode.support_x, episode.query_x, "transductive")
     logits = net.logits(zs, episode.support_y, zq, ids)
     loss = F.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten())
-    grads = torch.autograd.grad(loss, list(net.parameters()))
     expected = torch.stack([F.cross_entropy(reference.logits(episode, t, ids[t]), episode.query_y[t]) for t in range(3)]).mean()
     params = [p for m in reference.modules for p in m.parameters()]
-    expected_grads = torch.autograd.grad(expected, params)
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    assert len(grads) == len(expected_grads)
-    for a, b in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
-    assert grads[0].abs().sum() > 0
+    assert_same_gradients(loss, list(net.parameters()), expected, params)
 
 
 def test_the_metalstm_reference_computes_the_package_meta_loss_and_gradients():
@@ -265,13 +267,9 @@ def test_the_metalstm_reference_computes_the_package_meta_loss_and_gradients():
         torch.randn(2, 6, 1, 12, 12, generator=g), torch.arange(3).repeat(2).expand(2, -1), 3,
     )  # fmt: skip
     surrogate, metrics = net.training_loss(episode)
-    grads = torch.autograd.grad(surrogate, list(net.parameters()))
     expected = torch.stack([reference.loss(episode, t) for t in range(2)]).mean()
-    expected_grads = torch.autograd.grad(expected, [p for group in reference.optimizer.param_groups for p in group["params"]])
-    torch.testing.assert_close(metrics["loss"], expected.detach(), rtol=1e-5, atol=1e-6)
-    assert len(grads) == len(expected_grads)
-    for a, b in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    params = [p for group in reference.optimizer.param_groups for p in group["params"]]
+    grads = assert_same_gradients(surrogate, list(net.parameters()), expected, params, value=metrics["loss"])
     assert all(g.abs().sum() > 0 for g in grads[-6:])  # the meta-learner is trained through the unroll
 
 
@@ -295,11 +293,6 @@ def test_the_protomaml_reference_computes_the_package_meta_loss_and_gradients(fi
         torch.randn(2, 6, 1, 12, 12, generator=g, dtype=torch.float64), torch.arange(3).repeat(2).expand(2, -1), 3,
     )  # fmt: skip
     surrogate, metrics = net.training_loss(episode)
-    grads = torch.autograd.grad(surrogate, list(net.parameters()))
     expected = torch.stack([reference.loss(episode, t) for t in range(2)]).mean()
-    expected_grads = torch.autograd.grad(expected, list(reference.model.backbone.parameters()))
-    torch.testing.assert_close(metrics["loss"], expected.detach(), rtol=1e-10, atol=1e-12)
-    assert len(grads) == len(expected_grads)
-    for a, b in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
-    assert grads[0].abs().sum() > 0
+    params = list(reference.model.backbone.parameters())
+    assert_same_gradients(surrogate, list(net.parameters()), expected, params, value=metrics["loss"], rtol=1e-8, atol=1e-10)

@@ -210,6 +210,17 @@ def task(episode: Episode, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return episode.support_x[t].contiguous(), episode.support_y[t], episode.query_x[t].contiguous(), episode.query_y[t]
 
 
+def per_task_step(reference, episode: Episode, *modules: nn.Module) -> None:
+    """One meta-training step of ``reference``: each task's ``reference.loss(episode, t)`` back-propagated on its
+    own, the gradients accumulated, then one step of ``reference.optimizer``; ``modules`` in training mode."""
+    for m in modules:
+        m.train()
+    reference.optimizer.zero_grad()
+    for t in range(episode.num_tasks):
+        (reference.loss(episode, t) / episode.num_tasks).backward()
+    reference.optimizer.step()
+
+
 # -- ProtoNet -------------------------------------------------------------------------------
 class ProtoNetReference:
     """Eager fp32 ProtoNet, one task at a time: each task's loss back-propagated on its own, gradients accumulated."""
@@ -271,11 +282,7 @@ class RelationReference:
         return F.mse_loss(self.scores(xs, ys, xq, episode.ways), F.one_hot(yq, episode.ways).float())
 
     def step(self, episode: Episode) -> None:
-        self.embedding.train(), self.relation.train()
-        self.optimizer.zero_grad()
-        for t in range(episode.num_tasks):
-            (self.loss(episode, t) / episode.num_tasks).backward()
-        self.optimizer.step()
+        per_task_step(self, episode, self.embedding, self.relation)
 
     def score(self, episode: Episode) -> float:
         """Accuracy of one episode in training mode, as the paper's code tests (batch statistics)."""
@@ -304,11 +311,7 @@ class MatchingReference:
         return F.nll_loss(self.probabilities(self.backbone(xs), ys, self.backbone(xq), episode.ways).log(), yq)
 
     def step(self, episode: Episode) -> None:
-        self.backbone.train()
-        self.optimizer.zero_grad()
-        for t in range(episode.num_tasks):
-            (self.loss(episode, t) / episode.num_tasks).backward()
-        self.optimizer.step()
+        per_task_step(self, episode, self.backbone)
 
     def score(self, episode: Episode) -> float:
         """Accuracy of one episode with the model in eval mode (running statistics)."""
@@ -380,10 +383,7 @@ class MetaLSTMReference:
         return F.cross_entropy(self.query_logits(xs, ys, xq, self.steps), yq)
 
     def step(self, episode: Episode) -> None:
-        self.optimizer.zero_grad()
-        for t in range(episode.num_tasks):
-            (self.loss(episode, t) / episode.num_tasks).backward()
-        self.optimizer.step()
+        per_task_step(self, episode, self.model)
 
     @torch.no_grad()
     def score(self, episode: Episode) -> float:
@@ -423,15 +423,12 @@ class InContextReference:
         out = self.encoder(tokens[None], mask=blocked)[0, ns:]
         return self.readout(out) @ self.labels(ids).T
 
+    def loss(self, episode: Episode, t: int) -> torch.Tensor:
+        ids = torch.randperm(self.unknown)[: episode.ways]  # each task its own label embeddings
+        return F.cross_entropy(self.logits(episode, t, ids), episode.query_y[t])
+
     def step(self, episode: Episode) -> None:
-        for m in self.modules:
-            m.train()
-        self.optimizer.zero_grad()
-        for t in range(episode.num_tasks):
-            ids = torch.randperm(self.unknown)[: episode.ways]
-            loss = F.cross_entropy(self.logits(episode, t, ids), episode.query_y[t])
-            (loss / episode.num_tasks).backward()
-        self.optimizer.step()
+        per_task_step(self, episode, *self.modules)
 
     @torch.no_grad()
     def score(self, episode: Episode) -> float:
@@ -581,11 +578,7 @@ class ProtoMAMLReference(MAMLReference):
         return F.cross_entropy(functional_call(self.model, fast, (xq,)), yq)
 
     def step(self, episode: Episode) -> None:
-        self.model.train()
-        self.optimizer.zero_grad()
-        for t in range(episode.num_tasks):
-            (self.loss(episode, t) / episode.num_tasks).backward()
-        self.optimizer.step()
+        per_task_step(self, episode, self.model)
 
     def score(self, episode: Episode) -> float:
         """Accuracy of one episode after ``inner_steps_eval`` steps (batch statistics for support and query)."""
