@@ -56,37 +56,52 @@ from metarun.schema import at_least, choice
 P = 10.0
 
 
-def preprocess(x: torch.Tensor, p: float = P) -> torch.Tensor:
-    """``[...]`` -> ``[..., 2]``: ``(log|x| / p, sign x)`` where ``|x| >= e^-p``, else ``(-1, e^p x)``."""
+def preprocess(x: torch.Tensor, p: float = P, dim: int = -1) -> torch.Tensor:
+    """``[...]`` -> ``[..., 2]`` (the pair stacked at ``dim``): ``(log|x| / p, sign x)`` where ``|x| >= e^-p``, else
+    ``(-1, e^p x)``."""
     big = x.abs() >= math.exp(-p)
     magnitude = torch.where(big, x.abs().clamp_min(math.exp(-p)).log() / p, -torch.ones_like(x))
     direction = torch.where(big, x.sign(), math.exp(p) * x)
-    return torch.stack([magnitude, direction], -1)
+    return torch.stack([magnitude, direction], dim)
 
 
-def lstm_cell(x, shared, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
-    """``nn.LSTMCell``'s step, functionally, on inputs ``[x, shared]``: ``x`` ``[..., n, in - k]`` of each coordinate
-    and ``shared`` ``[..., 1, k]`` that every coordinate has in common (the loss), whose share of the gates is
-    computed once, not ``n`` times."""
-    k = shared.shape[-1]
-    common = shared @ weight_ih[:, -k:].T + (bias_ih + bias_hh)  # [..., 1, 4 * hidden]
-    gates = x @ weight_ih[:, :-k].T + common + h @ weight_hh.T
-    i, f, g, o = gates.chunk(4, -1)
+# The meta-learner's state is hidden-major: ``h`` and ``cell`` are ``[..., hidden, n]`` and each of the four gates is
+# a tensor of its own, so that an elementwise op on a gate reads one contiguous block; coordinate-major, with the gates
+# chunked from one ``[n, 4 x hidden]`` tensor, each op reads a strided quarter of every row (``docs/performance.md``).
+
+
+def gate_inputs(x, shared, h, lstm: Params) -> list[torch.Tensor]:
+    """``nn.LSTMCell``'s four pre-activations ``(i, f, g, o)``, each ``[..., hidden, n]``, on inputs ``[x, shared]``:
+    ``x`` ``[..., in - k, n]`` of each coordinate and ``shared`` ``[..., k, 1]`` that every coordinate has in common
+    (the loss), whose share is computed once, not ``n`` times."""
+    k = shared.shape[-2]
+    weight_ih, weight_hh = lstm["weight_ih"], lstm["weight_hh"]
+    common = (weight_ih[:, -k:] @ shared + (lstm["bias_ih"] + lstm["bias_hh"])[:, None]).chunk(4, -2)
+    lead = torch.broadcast_shapes(h.shape[:-2], x.shape[:-2])  # the first step broadcasts c0's state over the tasks
+    hx = torch.cat([h.expand(*lead, *h.shape[-2:]), x.expand(*lead, *x.shape[-2:])], -2)
+    weights = torch.cat([weight_hh, weight_ih[:, :-k]], 1).chunk(4, 0)
+    return [w @ hx + b for w, b in zip(weights, common, strict=True)]
+
+
+def lstm_cell(x, shared, h, c, lstm: Params):
+    """``nn.LSTMCell``'s step, functionally and hidden-major (inputs as in :func:`gate_inputs`)."""
+    i, f, g, o = gate_inputs(x, shared, h, lstm)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
 def gate(h: torch.Tensor, c: torch.Tensor, previous: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``σ(W [h, c, previous] + b)`` for every coordinate, without concatenating the three."""
-    hidden = h.shape[-1]
-    return torch.sigmoid((h @ weight[0, :hidden]) + c * weight[0, hidden] + previous * weight[0, hidden + 1] + bias[0])
+    hidden = h.shape[-2]
+    return torch.sigmoid(
+        (weight[:, :hidden] @ h).squeeze(-2) + c * weight[0, hidden] + previous * weight[0, hidden + 1] + bias[0]
+    )
 
 
 def meta_update(g, shared, h, cell, f, i, c, lstm: Params, gates: Params):
     """One step of the coordinate-wise meta-learner: ``(h, cell, f, i, c)`` after the learner's gradient ``g``
-    ``[..., n]`` and its preprocessed loss ``shared`` ``[..., 1, 2]``."""
-    w = (lstm["weight_ih"], lstm["weight_hh"], lstm["bias_ih"], lstm["bias_hh"])
-    h, cell = lstm_cell(preprocess(g), shared, h, cell, *w)
+    ``[..., n]`` and its preprocessed loss ``shared`` ``[..., 2, 1]``."""
+    h, cell = lstm_cell(preprocess(g, dim=-2), shared, h, cell, lstm)
     f = gate(h, c, f, gates["forget.weight"], gates["forget.bias"])
     i = gate(h, c, i, gates["input.weight"], gates["input.bias"])
     return h, cell, f, i, f * c - i * g
@@ -94,23 +109,16 @@ def meta_update(g, shared, h, cell, f, i, c, lstm: Params, gates: Params):
 
 @torch.no_grad()
 def meta_update_in_place(g, shared, h, cell, f, i, c, lstm: Params, gates: Params):
-    """:func:`meta_update` where no gradient is taken (evaluation), its ops in place: one sigmoid over all four gates,
-    the cell gate's tanh as ``2σ(2x) - 1`` (its rows of the weights doubled), sums and products accumulated into
-    their outputs. The ``[n, 4 x hidden]`` gates are memory-bound, and this makes four passes over them where
-    :func:`lstm_cell` makes nine (2.3x on the 113k weights of Conv4-64, ``docs/performance.md``)."""
-    hidden, k = h.shape[-1], shared.shape[-1]
-    scale = torch.ones(4 * hidden, dtype=c.dtype, device=c.device)
-    scale[2 * hidden : 3 * hidden] = 2.0
-    weight_ih, weight_hh = lstm["weight_ih"] * scale[:, None], lstm["weight_hh"] * scale[:, None]
-    z = torch.add(h @ weight_hh.T, preprocess(g) @ weight_ih[:, :-k].T)  # the first step broadcasts c0 over the tasks
-    z += shared @ weight_ih[:, -k:].T + (lstm["bias_ih"] + lstm["bias_hh"]) * scale
-    z.sigmoid_()
-    gi, gf, gg, go = z.chunk(4, -1)
-    cell = (gf * cell).addcmul_(gi, gg.mul_(2.0).sub_(1.0))
-    h = go * torch.tanh(cell)
+    """:func:`meta_update` where no gradient is taken (evaluation), its activations, sums and products written into
+    tensors it has just made rather than into new ones: on a CPU each new ``[hidden, n]`` tensor is another pass
+    over memory."""
+    hidden = h.shape[-2]
+    zi, zf, zg, zo = gate_inputs(preprocess(g, dim=-2), shared, h, lstm)
+    cell = zf.sigmoid_().mul_(cell).addcmul_(zi.sigmoid_(), zg.tanh_())
+    h = zo.sigmoid_().mul_(torch.tanh(cell))
 
     def gate_in_place(previous, weight, bias):
-        out = h @ weight[0, :hidden]
+        out = (weight[:, :hidden] @ h).squeeze(-2)
         return out.addcmul_(c, weight[0, hidden]).addcmul_(previous, weight[0, hidden + 1]).add_(bias[0]).sigmoid_()
 
     f = gate_in_place(f, gates["forget.weight"], gates["forget.bias"])
@@ -198,7 +206,7 @@ class MetaLSTM(FunctionalLearner):
         """``inner_steps`` updates of the learner by the meta-learner on ``(xs, ys)``, then the outputs on ``xq``."""
         lstm, gates = meta_params["lstm"], meta_params["gates"]
         c = self.flatten(self.per_task({"backbone": meta_params["backbone"], "head": meta_params["head"]}))
-        h = cell = torch.zeros(*c.shape, self.hidden, dtype=c.dtype, device=c.device)
+        h = cell = torch.zeros(*c.shape[:-1], self.hidden, c.shape[-1], dtype=c.dtype, device=c.device)
         f = i = torch.zeros_like(c)
         inner = self.inner_mode(bn_mode)
 
@@ -221,7 +229,7 @@ class MetaLSTM(FunctionalLearner):
             # memory-bound, so bf16 only adds conversions, and would round the gates that scale every update
             with torch.autocast(c.device.type, enabled=False):
                 # the inputs: each coordinate's preprocessed gradient, and the task's preprocessed loss that all share
-                shared = preprocess(loss.to(c.dtype).unsqueeze(-1))  # [..., 1, 2]; g is already in c's dtype
+                shared = preprocess(loss.to(c.dtype).unsqueeze(-1), dim=-2)  # [..., 2, 1]; g is already in c's dtype
                 # in place without gradients; not under vmap, which has no batching rule for addcmul_
                 in_place = not torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(g)
                 update = meta_update_in_place if in_place else meta_update

@@ -145,14 +145,14 @@ def test_the_in_place_update_of_evaluation_equals_the_differentiable_one(first_s
     tasks, n, hidden = 3, 11, model.hidden
     lead = () if first_step else (tasks,)
     state = [
-        torch.randn(*lead, n, hidden, generator=g, dtype=torch.float64),  # h
-        torch.randn(*lead, n, hidden, generator=g, dtype=torch.float64),  # cell
+        torch.randn(*lead, hidden, n, generator=g, dtype=torch.float64),  # h
+        torch.randn(*lead, hidden, n, generator=g, dtype=torch.float64),  # cell
         torch.rand(*lead, n, generator=g, dtype=torch.float64),  # f
         torch.rand(*lead, n, generator=g, dtype=torch.float64),  # i
         torch.randn(*lead, n, generator=g, dtype=torch.float64),  # c
     ]
     grad = torch.randn(tasks, n, generator=g, dtype=torch.float64) * 1e-3
-    shared = preprocess(torch.rand(tasks, 1, generator=g, dtype=torch.float64))
+    shared = preprocess(torch.rand(tasks, 1, generator=g, dtype=torch.float64), dim=-2)
     meta = model.meta_parameters()
     before = [t.clone() for t in (*state, grad, shared)]
     with torch.no_grad():
