@@ -9,6 +9,7 @@ checkpoints and evaluates.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -43,6 +44,10 @@ def init_distributed(device: torch.device) -> tuple[Topology, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # torch._dynamo (which the first optimizer imports) keeps a process group that exists when it is
+        # imported alive after destroy_process_group; at exit gloo's threads then free work that holds
+        # Python tensors while the interpreter shuts down, and the process aborts now and then
+        importlib.import_module("torch._dynamo")
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Topology(rank, world, local_rank), device
 

@@ -122,3 +122,30 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, 
     stopped = int(re.search(r"interrupted at step (\d+)/100000; resume with", err)[1])
     assert stopped >= 4 and stopped % 2 == 0 and saved_step(run) == stopped  # agreed at a log step
     assert "exitcode  : 143" in err and "terminate called" not in err
+
+
+LEAVING = """
+import os, torch
+from metarun.distributed import init_distributed, average, shutdown
+
+init_distributed(torch.device("cpu"))
+torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)  # its first use imports torch._dynamo
+average([torch.ones(3)], 2)
+shutdown()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("threads after shutdown:", names)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="lists the process's threads in /proc")
+def test_leaving_the_process_group_stops_gloos_threads(tmp_path):
+    """After ``shutdown`` no gloo thread is left: one left running at exit frees collectives' tensors while
+    the interpreter shuts down and aborts the process ("terminate called without an active exception")."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVING)
+    _, env = torchrun_command()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("threads after shutdown:")]
+    assert len(lines) == 2 and not any("gloo" in line for line in lines), done.stdout
