@@ -36,11 +36,11 @@ ALGORITHMS = {
 }
 
 
-def torchrun_command(*args: str) -> tuple[list[str], dict]:
+def torchrun_command(*args: str, program: tuple[str, ...] = ("-m", "metarun")) -> tuple[list[str], dict]:
     """``torchrun --standalone --nproc_per_node=2 -m metarun ...`` (CPU, so gloo) and its environment."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "metarun", *args], env
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *program, *args], env
 
 
 def torchrun(*args: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -144,8 +144,7 @@ def test_leaving_the_process_group_stops_gloos_threads(tmp_path):
     the interpreter shuts down and aborts the process ("terminate called without an active exception")."""
     script = tmp_path / "leave.py"
     script.write_text(LEAVING)
-    _, env = torchrun_command()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    cmd, env = torchrun_command(program=(str(script),))
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     threads = {rank: (tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)}
